@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create .venv with Python 3.10 and install requirements*.txt; a no-op when the stamp
+# (a hash of the requirement files) matches what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+REQS=(requirements.txt)
+stamp=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
+if [[ -x $VENV/bin/python && -f $VENV/.stamp && $(cat "$VENV/.stamp") == "$stamp" ]]; then
+  echo "setup: $VENV is up to date"; exit 0
+fi
+
+runs() { [[ -n $1 ]] && "$1" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; }
+py=""
+if [[ -n ${PYTHON:-} ]]; then
+  runs "$PYTHON" || { echo "setup: PYTHON=$PYTHON is not a working Python 3.10" >&2; exit 2; }
+  py=$PYTHON
+elif runs "$(command -v python3.10 || true)"; then
+  py=$(command -v python3.10)
+elif command -v pyenv >/dev/null; then
+  for d in "$(pyenv root)"/versions/3.10*; do
+    if runs "$d/bin/python3.10"; then py=$d/bin/python3.10; break; fi
+  done
+fi
+if [[ -z $py ]]; then
+  echo "setup: no Python 3.10 found. The tested stack (torch 2.3.1, sal-detectron2) needs CPython 3.10:" >&2
+  echo "       install it (e.g. 'pyenv install 3.10') or run 'make setup PYTHON=/path/to/python3.10'." >&2
+  exit 2
+fi
+echo "setup: creating $VENV with $py"
+rm -rf "$VENV"
+"$py" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip wheel 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" -m pip install -q "${REQS[@]/#/-r}" 2>&1 | grep -v "is ignored: it is neither" || true
+"$VENV/bin/python" -c "import torch, torchvision, detectron2, submitit, pycocotools" \
+  || { echo "setup: the installed stack does not import; see the pip output above" >&2; exit 1; }
+echo "$stamp" > "$VENV/.stamp"
+echo "setup: done ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"
