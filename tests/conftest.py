@@ -17,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small synthetic shapes corpus (64 px) in the ImageFolder, VOC and COCO layouts."""
+    from tools.make_synthetic_data import make_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "shapes"
+    make_corpus(out, seed=0, num_train=48, num_test=24, size=64)
+    return out
