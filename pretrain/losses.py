@@ -1,0 +1,93 @@
+"""The SANE loss as pure functions: soft-label contrastive CE, SLR labels, momentum mixup.
+
+Symbols follow docs/method.md (s queries, B̄ = in-batch keys ∪ queue, τ, τ′, μ_t, θ, κ, λ).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits, y):
+    """L_c = −(1/s) Σ_i Σ_k y_ik · log softmax_k(logits_ik); logits = ⟨f(x_i), b̄_k⟩ / τ."""
+    return -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def one_hot_labels(s, num_keys, device=None):
+    """y_i: 1 on key i (the positive of query i sits at column i of B̄), 0 elsewhere."""
+    return torch.eye(s, num_keys, device=device)
+
+
+def mu_schedule(t, T, m1, m2):
+    """μ_t = m2 − (m2 − m1)·(cos(π t / T) + 1) / 2: cosine ramp from m1 (t = 0) to m2 (t = T)."""
+    return m2 - (m2 - m1) * (math.cos(math.pi * t / T) + 1) / 2
+
+
+@torch.no_grad()
+def slr_labels(key_logits, mu, use_p=True, use_q=True):
+    """Self-labeling refinery: ȳ_i = (1 − α_i − β_i)·y_i + α_i·p_i + β_i·q_i.
+
+    key_logits[i, k] = ⟨g(x̃_i), b̄_k⟩ / (τ·τ′), shape [s, s + b]; column i is key i itself.
+    p_i = softmax over B̄; q_i = the same with k = i removed (q_ii = 0), renormalised;
+    z_i = 1 + μ·max_k p_ik + μ·max_k q_ik, α_i = μ·max p_i / z_i, β_i = μ·max q_i / z_i.
+    A switched-off term (use_p / use_q False) contributes 0 to z_i. No gradient.
+    Returns (ȳ, p, q, α, β, z).
+    """
+    s, n = key_logits.shape
+    y = one_hot_labels(s, n, key_logits.device)
+    p = F.softmax(key_logits, dim=1)
+    q = F.softmax(key_logits.masked_fill(y.bool(), float("-inf")), dim=1)
+    zero = torch.zeros(s, device=key_logits.device)
+    p_max = p.max(dim=1).values if use_p else zero
+    q_max = q.max(dim=1).values if use_q else zero
+    z = 1 + mu * p_max + mu * q_max
+    alpha, beta = mu * p_max / z, mu * q_max / z
+    y_bar = (1 - alpha - beta)[:, None] * y + alpha[:, None] * p + beta[:, None] * q
+    return y_bar, p, q, alpha, beta, z
+
+
+def sample_theta(s, kappa, device=None):
+    """θ_i ~ Beta(κ, κ), one per sample (decision: per-sample, not per-batch)."""
+    conc = torch.full((s,), float(kappa), device=device)
+    return torch.distributions.Beta(conc, conc).sample()
+
+
+def mix_images(x, x_tilde, theta, perm):
+    """Momentum mixup in image space: x′_i = θ_i·x_i + (1 − θ_i)·x̃_perm(i).
+
+    x̃ are the crops the momentum network encoded as keys, so x′_i mixes query i with key perm(i).
+    """
+    th = theta.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return th * x + (1 - th) * x_tilde[perm]
+
+
+def mix_labels(y_bar, theta, perm):
+    """y′_i = θ_i·ȳ_i + (1 − θ_i)·ȳ_perm(i) (ȳ = SLR label, or one-hot when SLR is off)."""
+    th = theta.view(-1, 1).to(y_bar.dtype)
+    return th * y_bar + (1 - th) * y_bar[perm]
+
+
+def total_loss(loss_vanilla, loss_mm, lam):
+    """L = (1 − λ)·L_c({x_i, y_i}) + λ·L_c({x′_i, y′_i})."""
+    return (1 - lam) * loss_vanilla + lam * loss_mm
+
+
+@torch.no_grad()
+def label_quality(y_bar, query_cls, key_cls):
+    """SLR diagnostic: mass a label puts on keys of the query's true class, and its L1 error.
+
+    query_cls [s], key_cls [s + b] (−1 = unknown, e.g. a random initial queue entry).
+    y* = uniform over same-class keys of B̄ (the true label of Theorem 1).
+    Returns dict of 0-d tensors for ȳ and the one-hot y: *_same_class_mass, *_label_error.
+    """
+    s, n = y_bar.shape
+    same = (key_cls[None, :] == query_cls[:, None]) & (key_cls[None, :] >= 0)
+    same = same.to(y_bar.dtype)
+    y_star = same / same.sum(dim=1, keepdim=True).clamp(min=1)
+    y = one_hot_labels(s, n, y_bar.device)
+    return {
+        "slr_same_class_mass": (y_bar * same).sum(dim=1).mean(),
+        "onehot_same_class_mass": (y * same).sum(dim=1).mean(),
+        "slr_label_error": (y_bar - y_star).abs().sum(dim=1).mean(),
+        "onehot_label_error": (y - y_star).abs().sum(dim=1).mean(),
+    }
