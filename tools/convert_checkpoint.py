@@ -1,0 +1,200 @@
+"""Convert a pretraining, MoCo or torchvision ResNet checkpoint to Detectron2 (or torchvision) weights.
+Needs only torch + numpy: the rename rules follow MoCo's detection/convert-pretrain-to-detectron2.py.
+
+    python tools/convert_checkpoint.py checkpoint.pth backbone.pkl [--format d2|torchvision]
+"""
+import argparse
+import os
+import pickle
+import re
+import sys
+import tempfile
+
+import torch
+
+# torchvision ResNet name -> Detectron2 ResNet name, applied in order (MoCo's table).
+RENAME_RULES = (
+    (r"^conv1\.", "stem.conv1."),
+    (r"^bn1\.", "stem.conv1.norm."),
+    (r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}."),
+    (r"\.bn(\d)\.", r".conv\1.norm."),
+    (r"\.downsample\.0\.", ".shortcut."),
+    (r"\.downsample\.1\.", ".shortcut.norm."),
+)
+
+# Key prefixes of the backbone inside the known containers, most specific first.
+PREFIXES = (
+    ("module.encoder_q.", "MoCo v1/v2 checkpoint (module.encoder_q.)"),
+    ("encoder_q.", "SANE/MoCo pretraining checkpoint (encoder_q.)"),
+    ("module.", "DistributedDataParallel ResNet state dict (module.)"),
+    ("", "torchvision ResNet / plain backbone state dict"),
+)
+
+# depth -> (convs per block, blocks per stage): torchvision's resnet18..152.
+ARCHS = {
+    18: (2, (2, 2, 2, 2)),
+    34: (2, (3, 4, 6, 3)),
+    50: (3, (3, 4, 6, 3)),
+    101: (3, (3, 4, 23, 3)),
+    152: (3, (3, 8, 36, 3)),
+}
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+class ConversionError(Exception):
+    """Bad input: the message names the file and the fix."""
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, or a pickle with objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"{path}: cannot be read as a torch checkpoint ({first}); "
+            "the file is truncated or not a .pth/.pt checkpoint: copy or re-save it"
+        ) from None
+
+
+def find_state_dict(obj, path):
+    """The tensor dict inside a checkpoint: `model` (ours), `state_dict` (MoCo) or the dict itself."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(torch.is_tensor(v) for v in obj.values()):
+            return obj
+    raise ConversionError(
+        f"{path}: unknown checkpoint format (expected a dict with 'model' or 'state_dict', "
+        "or a ResNet state dict)"
+    )
+
+
+def extract_backbone(state, path):
+    """Strip the container prefix: returns (torchvision-named backbone, skipped keys, source)."""
+    for prefix, source in PREFIXES:
+        if prefix + "conv1.weight" in state:
+            break
+    else:
+        raise ConversionError(
+            f"{path}: unknown checkpoint format: no ResNet 'conv1.weight' under any of "
+            f"{[p for p, _ in PREFIXES[:-1]]} or at the top level"
+        )
+    backbone, skipped = {}, []
+    for k, v in state.items():
+        name = k[len(prefix):]
+        if k.startswith(prefix) and torch.is_tensor(v) and not name.startswith("fc."):
+            backbone[name] = v.detach().cpu()
+        else:
+            skipped.append(k)  # projection head / classifier, momentum encoder, queue
+    return backbone, skipped, source
+
+
+def expected_keys(state):
+    """All torchvision key names of the ResNet whose block layout `state` has, and its depth."""
+    convs = 3 if "layer1.0.conv3.weight" in state else 2
+    blocks = tuple(
+        1 + max((int(m.group(1)) for k in state for m in [re.match(rf"layer{s}\.(\d+)\.", k)] if m),
+                default=-1)
+        for s in (1, 2, 3, 4)
+    )
+    depth = next((d for d, arch in ARCHS.items() if arch == (convs, blocks)), None)
+    if depth is None:
+        return None, None
+    keys = ["conv1.weight"] + [f"bn1.{t}" for t in BN_TENSORS]
+    for s, n in enumerate(blocks, start=1):
+        for b in range(n):
+            p = f"layer{s}.{b}."
+            for c in range(1, convs + 1):
+                keys += [f"{p}conv{c}.weight"] + [f"{p}bn{c}.{t}" for t in BN_TENSORS]
+            if b == 0 and (s > 1 or convs == 3):  # Bottleneck res2 widens 64 -> 256 too
+                keys += [f"{p}downsample.0.weight"] + [f"{p}downsample.1.{t}" for t in BN_TENSORS]
+    return depth, keys
+
+
+def check_complete(backbone, path):
+    """Refuse a backbone that misses any tensor: Detectron2 would silently leave it random."""
+    depth, keys = expected_keys(backbone)
+    if depth is None:
+        raise ConversionError(
+            f"{path}: the layer1..layer4 blocks match no ResNet-18/34/50/101/152 "
+            "(a truncated checkpoint or another architecture)"
+        )
+    missing = [k for k in keys if k not in backbone]
+    if missing:
+        raise ConversionError(
+            f"{path}: ResNet-{depth} checkpoint lacks {len(missing)} backbone tensors "
+            f"(e.g. {', '.join(missing[:3])}); re-export it from the full model"
+        )
+    return depth
+
+
+def to_detectron2_name(name):
+    for pattern, repl in RENAME_RULES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def to_detectron2(backbone):
+    """Detectron2's pickle: numpy arrays under Detectron2 names; BN step counters are not weights."""
+    model = {
+        to_detectron2_name(k): v.numpy()
+        for k, v in backbone.items()
+        if not k.endswith("num_batches_tracked")
+    }
+    return {"model": model, "__author__": "sane-transfer", "matching_heuristics": True}
+
+
+def save_atomic(obj, path, fmt):
+    """Write to a temp file beside `path` and rename it: a crash never leaves a partial output."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if fmt == "d2":
+                pickle.dump(obj, f)
+            else:
+                torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def convert(src, dst, fmt="d2", log=print):
+    """Read `src`, check it holds a whole ResNet, write `dst`; returns the written object."""
+    state = find_state_dict(load_checkpoint(src), src)
+    backbone, skipped, source = extract_backbone(state, src)
+    depth = check_complete(backbone, src)
+    out = to_detectron2(backbone) if fmt == "d2" else backbone
+    save_atomic(out, dst, fmt)
+    n = len(out["model"]) if fmt == "d2" else len(out)
+    log(f"{src}: {source}, ResNet-{depth}")
+    log(f"mapped {n} tensors to {'Detectron2' if fmt == 'd2' else 'torchvision'} names -> {dst}")
+    if skipped:
+        heads = sorted({".".join(k.split(".")[:2]) for k in skipped})
+        log(f"skipped {len(skipped)} non-backbone entries: {', '.join(heads[:8])}"
+            + (" ..." if len(heads) > 8 else ""))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="pretraining / MoCo / torchvision checkpoint (.pth)")
+    parser.add_argument("output", help="output file (.pkl for Detectron2)")
+    parser.add_argument("--format", choices=("d2", "torchvision"), default="d2")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.input, args.output, args.format)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Detectron2 side of the suite: the MoCo-protocol ROI head, dataset registration, train_net.
+Importing the package registers the head; `transfer.datasets.register_all()` the datasets."""
+from . import roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
