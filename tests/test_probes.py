@@ -1,12 +1,22 @@
 """Tests of the probes: the weighted kNN monitor, feature extraction, VOC07 AP and the
 linear / VOC07 linear probes on the synthetic corpus."""
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
+from pretrain import linear
 from pretrain.knn import extract_features, knn_top1
+from pretrain.linear import (average_precision, fit_linear, mean_average_precision,
+                             read_backbone_state, read_voc_annotation)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unit(angles_deg):
@@ -63,3 +73,118 @@ def test_extract_features_unit_norm_and_ordered():
     net.train()
     extract_features(net, loader, torch.device("cpu"))
     assert net.training   # the caller's mode is restored
+
+
+def test_average_precision_hand_case():
+    # ranks: + - + -  -> precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1
+    # envelope at the recall steps: 1 and 2/3 -> AP = 1/2 * 1 + 1/2 * 2/3 = 5/6
+    scores, targets = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 0])
+    assert average_precision(scores, targets) == pytest.approx(5 / 6)
+    # order of the rows does not matter, only the scores
+    assert average_precision(scores.flip(0), targets.flip(0)) == pytest.approx(5 / 6)
+    # a difficult-only row is dropped: + + - -> AP 1
+    ignore = torch.tensor([False, True, False, False])
+    assert average_precision(scores, targets, ignore) == pytest.approx(1.0)
+    # a class with no positive is left out of the mean
+    two = torch.stack([scores, scores], 1)
+    mAP, aps = mean_average_precision(two, torch.stack([targets, torch.zeros(4)], 1),
+                                      torch.zeros(4, 2, dtype=torch.bool))
+    assert math.isnan(aps[1]) and mAP == pytest.approx(500 / 6)
+
+
+def test_voc_annotation_difficult_counts_present_but_ignored(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text("<annotation>"
+                   "<object><name>cat</name><difficult>1</difficult></object>"
+                   "<object><name>dog</name><difficult>0</difficult></object>"
+                   "<object><name>dog</name><difficult>1</difficult></object>"
+                   "</annotation>")
+    present, ignore = read_voc_annotation(xml, {"cat": 0, "dog": 1, "cow": 2})
+    assert present.tolist() == [1, 1, 0]
+    assert ignore.tolist() == [True, False, False]
+
+
+def test_fit_linear_separates_toy_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 16, generator=g) * 0.5
+    train, test = slice(0, 300), slice(300, 400)
+    torch.manual_seed(0)
+    clf = fit_linear(lambda epoch: (x[train], y[train]), 4, epochs=20, **{
+        k: v for k, v in linear.PRESETS["cifar"].items() if k not in ("epochs",)})
+    with torch.no_grad():
+        acc = linear.top1(clf(x[test]), y[test])
+    assert acc > 90.0   # chance is 25
+
+
+def test_read_backbone_state_moco_format(tmp_path):
+    net = torchvision.models.resnet18()
+    state = {"module.encoder_q." + k: v for k, v in net.state_dict().items()}
+    state.update({"module.encoder_k.conv1.weight": net.conv1.weight, "module.queue": torch.zeros(3)})
+    path = tmp_path / "moco.pth.tar"
+    torch.save({"state_dict": state, "arch": "resnet18", "epoch": 200}, path)
+    got, arch = read_backbone_state(path)
+    assert arch == "resnet18"
+    assert set(got) == {k for k in net.state_dict() if not k.startswith("fc.")}
+    assert torch.equal(got["conv1.weight"], net.conv1.weight)
+
+
+@pytest.fixture(scope="module")
+def resnet18_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _probe_args(ckpt, data, out, *extra):
+    return ["--checkpoint", str(ckpt), "--data", str(data), "--output-dir", str(out), "--arch",
+            "resnet18", "--image-size", "32", "--batch-size", "16", "--num-workers", "0",
+            "--device", "cpu", *extra]
+
+
+def test_linear_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):
+    out = tmp_path / "lin"
+    # the imagenet preset re-extracts augmented train features every epoch
+    linear.main(_probe_args(resnet18_ckpt, corpus / "imagefolder", out, "--preset", "imagenet",
+                            "--epochs", "2"))
+    result = json.loads((out / "linear_metrics.json").read_text())
+    assert result["preset"] == "imagenet" and result["checkpoint"] == str(resnet18_ckpt)
+    assert 0.0 <= result["top1"] <= 100.0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["type"] == "linear" for r in rows)
+    assert rows[-1]["top1"] == result["top1"]
+
+
+def test_voc07_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):
+    out = tmp_path / "voc"
+    result = linear.main(_probe_args(resnet18_ckpt, corpus, out, "--preset", "voc07",
+                                     "--epochs", "3", "--classes", "synthetic"))
+    assert result == json.loads((out / "linear_metrics.json").read_text())
+    assert result["preset"] == "voc07" and 0.0 < result["mAP"] <= 100.0
+
+
+@pytest.mark.parametrize("case", ["no_train_val", "no_voc", "arch_mismatch"])
+def test_bad_inputs_exit_2(case, corpus, resnet18_ckpt, tmp_path, capsys):
+    args, needle = {
+        "no_train_val": (_probe_args(resnet18_ckpt, corpus, tmp_path), "no train/ and val/"),
+        "no_voc": (_probe_args(resnet18_ckpt, corpus / "imagefolder", tmp_path, "--preset", "voc07"),
+                   "VOC2007"),
+        "arch_mismatch": (_probe_args(resnet18_ckpt, corpus / "imagefolder", tmp_path, "--arch",
+                                      "resnet50"), "does not match arch resnet50"),
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        linear.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_cli_missing_checkpoint_exits_2(tmp_path):
+    missing = tmp_path / "nope.pth"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.linear", "--checkpoint", str(missing),
+                           "--data", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

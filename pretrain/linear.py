@@ -1,0 +1,364 @@
+"""Linear probes on frozen features: ImageNet / CIFAR-10 top-1 and VOC07 multi-label mAP.
+`python -m pretrain.linear --checkpoint CKPT --data ROOT --preset imagenet|cifar|voc07`."""
+import argparse
+import json
+import math
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from pretrain.knn import extract_features
+from pretrain.utils import MetricLogger, UserError, atomic_write_json, cosine_lr, seed_all
+
+# The paper's protocols (method.md). Features are extracted once with the test transform and
+# cached, except for `augment` presets, whose train features are re-extracted every epoch from
+# RandomResizedCrop+flip views (MoCo main_lincls). The backbone is always frozen, BN in eval.
+# normalize: L2-normalise features before the classifier (the VOC07 SVM protocol does; the
+# ImageNet/CIFAR probes train nn.Linear on the raw pooled features as main_lincls does).
+PRESETS = {
+    "imagenet": dict(optimizer="sgd", lr=10.0, momentum=0.9, weight_decay=0.0, epochs=100,
+                     batch_size=256, image_size=224, augment=True, normalize=False),
+    "cifar": dict(optimizer="adam", lr=0.01, momentum=0.0, weight_decay=0.0, epochs=200,
+                  batch_size=256, image_size=32, augment=False, normalize=False),
+    "voc07": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, epochs=100,
+                  batch_size=256, image_size=224, augment=False, normalize=True),
+}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- checkpoints and backbone
+def _strip(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_backbone_state(path):
+    """(torchvision-named backbone state dict without fc, arch or None) from any of: this
+    project's pretraining checkpoint, MoCo's {"state_dict": {"module.encoder_q.*"}}, or a
+    plain torchvision state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass --checkpoint PATH to a "
+                              "pretraining checkpoint.pth or a torchvision/MoCo state dict")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors carry no hint about the file
+        raise UserError(f"checkpoint {path} cannot be read as a torch state dict "
+                              f"({type(e).__name__}); pass a .pth written by torch.save") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} is not a dict of weights")
+    if isinstance(ckpt.get("model"), dict) and any(k.startswith("encoder_q.") for k in ckpt["model"]):
+        from pretrain.model import load_backbone_state
+        return load_backbone_state(str(path)), _config_arch(ckpt.get("config"))
+    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
+    state = ckpt.get("state_dict", ckpt)
+    state = {k.replace("module.", "", 1) if k.startswith("module.") else k: v
+             for k, v in state.items() if torch.is_tensor(v)}
+    if any(k.startswith("encoder_q.") for k in state):   # MoCo: keep the query encoder only
+        state = _strip(state, "encoder_q.")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if "conv1.weight" not in state:
+        raise UserError(f"checkpoint {path} holds no ResNet backbone (no conv1.weight "
+                              "after stripping module./encoder_q.); pass a ResNet checkpoint")
+    return state, arch
+
+
+def _config_arch(config):
+    """The backbone name stored in a pretraining checkpoint's resolved config, if any."""
+    if not isinstance(config, dict):
+        return None
+    model = config.get("model")
+    arch = config.get("arch") or (model.get("arch") if isinstance(model, dict) else None)
+    return arch if isinstance(arch, str) else None
+
+
+def build_frozen_backbone(checkpoint, arch=None):
+    """The checkpoint's backbone with fc = Identity, frozen; arch from --arch, else the checkpoint."""
+    try:
+        from pretrain.model import build_backbone
+    except ImportError:  # TEMP: until pretrain/model.py lands
+        import torchvision
+
+        def build_backbone(arch):
+            net = torchvision.models.__dict__[arch]()
+            net.fc = nn.Identity()
+            return net
+    state, ckpt_arch = read_backbone_state(checkpoint)
+    arch = arch or ckpt_arch or "resnet50"
+    try:
+        backbone = build_backbone(arch)
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"unknown --arch {arch!r} for checkpoint {checkpoint}; pass a "
+                              "torchvision ResNet name such as resnet50") from None
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError(f"checkpoint {checkpoint} does not match arch {arch} (missing, extra "
+                              "or mis-shaped keys); pass the --arch it was trained with") from None
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone.eval(), arch
+
+
+# ---------------------------------------------------------------- data
+def probe_transforms(image_size, preset):
+    """(train-augmentation, test) transforms; CIFAR images are only resized, not cropped."""
+    norm = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    if preset == "cifar":
+        test = transforms.Compose([transforms.Resize((image_size, image_size))] + norm)
+    else:  # resize 256/224 then center crop, as main_lincls
+        test = transforms.Compose([transforms.Resize(int(round(image_size * 256 / 224))),
+                                   transforms.CenterCrop(image_size)] + norm)
+    train = transforms.Compose([transforms.RandomResizedCrop(image_size),
+                                transforms.RandomHorizontalFlip()] + norm)
+    return train, test
+
+
+def image_folders(root, train_tf, test_tf):
+    """ImageFolder train/ and val/; val labels use train's class indices (val may lack classes)."""
+    root = Path(root)
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise UserError(f"data root {root} has no train/ and val/ folders; pass an "
+                              "ImageFolder root (synthetic corpus: DIR/imagefolder)")
+    train, val = datasets.ImageFolder(root / "train", train_tf), datasets.ImageFolder(root / "val", test_tf)
+    unknown = set(val.classes) - set(train.classes)
+    if unknown:
+        raise UserError(f"data root {root}: val/ has classes {sorted(unknown)} missing "
+                              "from train/; give both splits the same class folders")
+    val.samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
+    val.targets = [t for _, t in val.samples]
+    return train, val
+
+
+def read_voc_annotation(xml_path, class_index):
+    """(present [C], difficult_only [C]) for one image; difficult objects count as present."""
+    present, easy = torch.zeros(len(class_index)), torch.zeros(len(class_index))
+    for obj in ET.parse(xml_path).getroot().iter("object"):
+        c = class_index[obj.findtext("name").strip()]
+        present[c] = 1
+        if int(obj.findtext("difficult") or 0) == 0:
+            easy[c] = 1
+    return present, (present == 1) & (easy == 0)
+
+
+class VOC07Classification(Dataset):
+    """VOC2007 image-level multi-label set; items are (image, index), targets looked up by index."""
+
+    def __init__(self, voc_root, split, transform, classes):
+        self.root, self.transform, self.classes = Path(voc_root), transform, list(classes)
+        ids_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        self.ids = [i.strip() for i in ids_file.read_text().split() if i.strip()]
+        index = {c: i for i, c in enumerate(self.classes)}
+        try:
+            rows = [read_voc_annotation(self.root / "Annotations" / f"{i}.xml", index) for i in self.ids]
+        except KeyError as e:
+            raise UserError(f"{self.root}/Annotations names class {e} not in --classes; "
+                                  "pass the full class list") from None
+        self.targets = torch.stack([r[0] for r in rows])      # [N, C] 1 = present
+        self.ignore = torch.stack([r[1] for r in rows])       # [N, C] only difficult objects
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        img = Image.open(self.root / "JPEGImages" / f"{self.ids[i]}.jpg").convert("RGB")
+        return self.transform(img), i
+
+
+def voc_classes(voc_root, splits=("trainval", "test")):
+    """The sorted set of object names in the annotations of the given splits."""
+    names = set()
+    for split in splits:
+        for i in (voc_root / "ImageSets" / "Main" / f"{split}.txt").read_text().split():
+            names.update(o.findtext("name").strip() for o in
+                         ET.parse(voc_root / "Annotations" / f"{i}.xml").getroot().iter("object"))
+    return sorted(names)
+
+
+def voc07_sets(root, train_tf, test_tf, classes=None):
+    """VOC07 trainval and test; classes from --classes, else the names in the annotations."""
+    voc = Path(root) / "VOC2007"
+    if not all((voc / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in ("trainval", "test")):
+        raise UserError(f"data root {root} has no VOC2007/ImageSets/Main/{{trainval,test}}.txt; "
+                              "pass the folder holding VOC2007 (synthetic corpus: DIR)")
+    classes = classes or voc_classes(voc)
+    return (VOC07Classification(voc, "trainval", train_tf, classes),
+            VOC07Classification(voc, "test", test_tf, classes))
+
+
+# ---------------------------------------------------------------- metrics
+def average_precision(scores, targets, ignore=None):
+    """VOC all-points AP of one class: area under the precision envelope (max precision at
+    recall >= r), summed where recall rises. `ignore` rows (difficult-only) are dropped."""
+    if ignore is not None:
+        scores, targets = scores[~ignore], targets[~ignore]
+    targets = targets.float()
+    if targets.sum() == 0:
+        return float("nan")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    tp = targets[order].cumsum(0)
+    precision = tp / torch.arange(1, len(tp) + 1, dtype=tp.dtype, device=tp.device)
+    recall = tp / targets.sum()
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    recall_step = recall - torch.cat([recall.new_zeros(1), recall[:-1]])
+    return float((recall_step * envelope).sum())
+
+
+def mean_average_precision(scores, targets, ignore):
+    """(mAP in percent over classes with a positive, per-class AP list) for [N, C] inputs."""
+    aps = [average_precision(scores[:, c], targets[:, c], ignore[:, c]) for c in range(scores.shape[1])]
+    valid = [a for a in aps if not math.isnan(a)]
+    return 100.0 * sum(valid) / max(len(valid), 1), aps
+
+
+def top1(logits, labels):
+    return 100.0 * (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------- training on cached features
+def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="sgd", momentum=0.9,
+               weight_decay=0.0, evaluate=None, log=None, **_):
+    """Train nn.Linear on frozen features with a per-iteration cosine lr and return it.
+
+    train_features(epoch) -> (feats [N, D], targets): class indices [N] (cross-entropy) or
+    multi-hot [N, C] (binary cross-entropy, VOC07). evaluate(classifier) -> dict of metrics,
+    called after every epoch; log(record) receives them with type, epoch, iter, loss and lr.
+    """
+    feats, targets = train_features(0)
+    classifier = nn.Linear(feats.shape[1], num_outputs).to(feats.device)
+    nn.init.normal_(classifier.weight, std=0.01)   # main_lincls init
+    nn.init.zeros_(classifier.bias)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(classifier.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(classifier.parameters(), lr, weight_decay=weight_decay)
+    total_iters, it = epochs * math.ceil(feats.shape[0] / batch_size), 0
+    loss_fn = F.cross_entropy if targets.dim() == 1 else F.binary_cross_entropy_with_logits
+    for epoch in range(epochs):
+        if epoch > 0:
+            feats, targets = train_features(epoch)
+        total = 0.0
+        for idx in torch.randperm(feats.shape[0], device=feats.device).split(batch_size):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(lr, it, total_iters)
+            loss = loss_fn(classifier(feats[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, it = total + loss.item() * len(idx), it + 1
+        row = {"type": "linear", "epoch": epoch + 1, "iter": it, "loss": total / feats.shape[0],
+               "lr": opt.param_groups[0]["lr"]}
+        if evaluate is not None:
+            with torch.no_grad():
+                row.update(evaluate(classifier.eval()))
+            classifier.train()
+        if log is not None:
+            log(row)
+    return classifier
+
+
+# ---------------------------------------------------------------- the probe
+def run_probe(args):
+    """Extract frozen features, train the linear classifier, write linear_metrics.json."""
+    cfg = dict(PRESETS[args.preset])
+    cfg.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "image_size")
+                if getattr(args, k) is not None})
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed_all(args.seed)
+    backbone, arch = build_frozen_backbone(args.checkpoint, args.arch)
+    backbone.to(device)
+    train_tf, test_tf = probe_transforms(cfg["image_size"], args.preset)
+    classes = _parse_classes(args.classes)
+    if args.preset == "voc07":
+        train_set, test_set = voc07_sets(args.data, test_tf, test_tf, classes)
+        num_outputs = len(train_set.classes)
+    else:
+        train_set, test_set = image_folders(args.data, train_tf if cfg["augment"] else test_tf, test_tf)
+        num_outputs = len(train_set.classes)
+    out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False,
+                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+    def features(ds):
+        feats, labels = extract_features(backbone, loader(ds), device, normalize=cfg["normalize"])
+        if args.preset == "voc07":  # labels are image indices: look up multi-hot targets
+            return feats, ds.targets.to(device)[labels]
+        return feats, labels
+
+    cached = features(train_set)
+    test_feats, test_targets = features(test_set)
+
+    def train_features(epoch):  # fresh augmented views each epoch, else the cached features
+        return features(train_set) if cfg["augment"] and epoch > 0 else cached
+
+    if args.preset == "voc07":
+        ignore = test_set.ignore.to(device)
+
+        def evaluate(clf):
+            return {"mAP": mean_average_precision(clf(test_feats), test_targets, ignore)[0]}
+    else:
+        def evaluate(clf):
+            return {"top1": top1(clf(test_feats), test_targets)}
+
+    logger, last = MetricLogger(out_dir), {}
+    fit_linear(train_features, num_outputs, log=lambda row: (last.update(row), logger.log(row)),
+               evaluate=evaluate, **cfg)
+    logger.close()
+    metric = "mAP" if args.preset == "voc07" else "top1"
+    result = {"preset": args.preset, metric: last[metric], "checkpoint": str(args.checkpoint),
+              "arch": arch, "epochs": cfg["epochs"]}
+    atomic_write_json(out_dir / "linear_metrics.json", result)
+    return result
+
+
+def _parse_classes(spec):
+    """--classes: "synthetic" (the generator's CLASSES), a comma list, or None (from annotations)."""
+    if not spec:
+        return None
+    if spec == "synthetic":
+        from tools.make_synthetic_data import CLASSES
+        return list(CLASSES)
+    return [c.strip() for c in spec.split(",") if c.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pretrain.linear", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint.pth, torchvision or MoCo state dict")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ val/, or the folder holding VOC2007")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--arch", help="torchvision ResNet name (default: the checkpoint's, else resnet50)")
+    p.add_argument("--classes", help='VOC class list: "synthetic" or comma-separated names '
+                                     "(default: sorted names found in the annotations)")
+    p.add_argument("--output-dir", help="default: <checkpoint folder>/linear_<preset>")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = run_probe(args)
+    except UserError as e:
+        print(f"pretrain.linear: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
