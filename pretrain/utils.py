@@ -1,0 +1,165 @@
+"""Shared helpers for pretraining and the probes: distributed init, lr schedule, atomic
+saves, RNG state, and the MetricLogger (metrics.jsonl + TensorBoard)."""
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input (config, data folder): the CLI prints the message and exits with code 2."""
+
+
+def init_distributed():
+    """Join the env:// process group set by torchrun or Submitit; NCCL on GPU, gloo on CPU.
+
+    Returns (rank, world_size, device). One process without WORLD_SIZE>1 runs alone.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return rank, world, device
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def cosine_lr(base_lr, it, total_iters, warmup_iters=0):
+    """Linear warm-up then half-cosine decay to 0 over iterations (MoCo v2's schedule, per step)."""
+    if it < warmup_iters:
+        return base_lr * (it + 1) / warmup_iters
+    t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the same folder, then os.replace: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def get_rng_state():
+    """All RNG states as tensors/ints/tuples, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: numpy is not seeded per worker by PyTorch, do it here."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def setup_logger(output_dir, rank):
+    """The human log: log.txt + stdout on rank 0, warnings only elsewhere."""
+    logger = logging.getLogger("pretrain")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%m/%d %H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0 and output_dir:
+        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger
+
+
+class MetricLogger:
+    """Writes each record as one JSON line of metrics.jsonl and as TensorBoard scalars
+    `<type>/<name>`; a no-op off rank 0."""
+
+    def __init__(self, output_dir, enabled=True, tensorboard=True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # TensorBoard is optional on the GPU machine
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(log_dir=str(output_dir))
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("iter", 0)
+            for key, value in record.items():
+                if key not in ("type", "epoch", "iter") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Throughput:
+    """Images per second between two calls of `rate`."""
+
+    def __init__(self):
+        self.t0, self.n = time.perf_counter(), 0
+
+    def add(self, n):
+        self.n += n
+
+    def rate(self):
+        t = time.perf_counter()
+        r = self.n / max(t - self.t0, 1e-9)
+        self.t0, self.n = t, 0
+        return r
