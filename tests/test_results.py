@@ -1,0 +1,170 @@
+"""Results table and plots on hand-written run directories (docs/formats.md) with known numbers:
+exact mean/sample std, reported rows, incomplete runs listed, PNG content counts."""
+import csv
+import io
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from matplotlib.container import BarContainer
+
+from tools import plot_results, results_table
+
+REPO = Path(__file__).resolve().parents[1]
+VOC, COCO = "voc_R_50_C4_24k", "coco_R_50_C4_1x"
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in obj))
+    elif path.suffix == ".yaml":
+        path.write_text(yaml.safe_dump(obj))
+    else:
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _pretrain(d, seed, done, slr=True, knn=(40.0, 60.0)):
+    _write(d / "config.yaml", {"method": "sane", "seed": seed, "data": {"root": "/data/cifar10"}})
+    records = [{"type": "train", "epoch": i // 2, "iter": i, "loss": 9.0 - i, "lr": 0.03}
+               for i in range(4)]
+    records += [{"type": "knn", "epoch": i, "iter": 2 * i + 1, "knn_top1": v} for i, v in enumerate(knn)]
+    if slr:
+        records += [{"type": "label_quality", "epoch": i, "iter": 2 * i + 1,
+                     "slr_same_class_mass": 0.3 + 0.1 * i, "onehot_same_class_mass": 0.1}
+                    for i in range(2)]
+    _write(d / "metrics.jsonl", records)
+    _write(d / "log.txt", "epoch 0\n")
+    if done:
+        _write(d / "done.json", {"method": "sane", "arch": "resnet18", "epochs": 2, "iters": 4,
+                                 "knn_top1": knn[-1], "checkpoint": "checkpoint.pth"})
+
+
+def _detection(d, backbone, task, seed, bbox, segm=None):
+    _write(d / "config.yaml", {"SEED": seed})
+    _write(d / "last_checkpoint", "model_final.pth")
+    results = {"bbox": bbox} if segm is None else {"bbox": bbox, "segm": segm}
+    _write(d / "final_metrics.json", {"config_file": f"configs/detection/{task}.yaml", "task": task,
+                                      "backbone": backbone, "weights": f"w/{backbone}.pkl",
+                                      "seed": seed, "iter": 100, "results": results})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """ROOT/pretrain/<name>/, ROOT/linear/<name>/, ROOT/transfer/<name>/<task>/seed<k>/."""
+    root = tmp_path_factory.mktemp("runs")
+    _pretrain(root / "pretrain" / "sane", 0, done=True, knn=(40.0, 61.0))
+    _pretrain(root / "pretrain" / "mocov2", 0, done=False, slr=False)   # unfinished
+    _write(root / "linear" / "sane" / "linear_metrics.json",
+           {"preset": "cifar", "top1": 70.5, "checkpoint": str(root / "pretrain" / "sane" / "checkpoint.pth")})
+    for seed, (ap50, ap, ap75) in enumerate([(80.0, 50.0, 55.0), (82.0, 51.0, 56.0), (84.0, 55.0, 60.0)]):
+        _detection(root / "transfer" / "sane" / VOC / f"seed{seed}", "sane", VOC, seed,
+                   {"AP": ap, "AP50": ap50, "AP75": ap75})
+    _detection(root / "transfer" / "mocov2" / VOC / "seed0", "mocov2", VOC, 0,
+               {"AP": 52.0, "AP50": 81.0, "AP75": 57.0})
+    _detection(root / "transfer" / "mocov2" / VOC / "seed1", "mocov2", VOC, 1,
+               {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")})   # failed
+    # mocov2 seed2 never ran: it must be listed as missing
+    d = root / "transfer" / "sane" / COCO / "seed0"
+    _detection(d, "sane", COCO, 0, {"AP": 40.0, "AP50": 60.0, "AP75": 43.0, "APs": float("nan")},
+               {"AP": 35.0})
+    crashed = root / "transfer" / "sane" / COCO / "seed1"   # crashed mid-training
+    _write(crashed / "config.yaml", {"SEED": 1})
+    _write(crashed / "metrics.json", '{"iteration": 19, "total_loss": 1.0}\n')
+    _write(crashed / "log.txt", "iter 19\nTraceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\n")
+    return root
+
+
+def _table(root, fmt, *extra):
+    buf = io.StringIO()
+    sections, incomplete, _ = results_table.collect([str(root)], *extra)
+    return results_table.RENDERERS[fmt](sections, incomplete)
+
+
+def _md_row(text, section, label):
+    block = text.split(f"### {section}")[1].split("###")[0]
+    return next(ln for ln in block.splitlines() if ln.startswith(f"| {label} |"))
+
+
+def test_csv_exact_mean_and_sample_std(root):
+    rows = list(csv.DictReader(io.StringIO(_table(root, "csv"))))
+    cell = {(r["task"], r["backbone"], r["metric"]): r for r in rows if r["source"] == "measured"}
+    ap50 = cell[(VOC, "sane", "AP50")]
+    assert float(ap50["mean"]) == 82.0 and float(ap50["std"]) == 2.0 and ap50["n"] == "3"  # ddof=1
+    ap = cell[(VOC, "sane", "AP")]
+    assert math.isclose(float(ap["mean"]), 52.0) and math.isclose(float(ap["std"]), math.sqrt(7.0))
+    # the failed seed (NaN) is not averaged in: mocov2 keeps n=1
+    assert cell[(VOC, "mocov2", "AP50")]["n"] == "1" and cell[(VOC, "mocov2", "AP50")]["std"] == ""
+    assert float(cell[(COCO, "sane", "AP (segm)")]["mean"]) == 35.0
+    assert (COCO, "sane", "AP50") not in cell          # COCO shows AP (bbox) / AP (segm) only
+    assert float(cell[("pretrain:cifar10", "sane", "kNN top-1")]["mean"]) == 61.0
+    assert float(cell[("pretrain:cifar10", "sane", "linear top-1")]["mean"]) == 70.5
+    assert not any(k[1] == "mocov2" and k[0].startswith("pretrain") for k in cell)  # unfinished
+
+
+def test_markdown_cells_reported_rows_and_incomplete_runs(root):
+    md = _table(root, "md")
+    assert _md_row(md, VOC, "sane") == "| sane | 82.0 ± 2.0 (n=3) | 52.0 ± 2.6 (n=3) | 57.0 ± 2.6 (n=3) | measured |"
+    assert "±" not in _md_row(md, COCO, "sane") and "40.0 (n=1)" in _md_row(md, COCO, "sane")
+    moco = _md_row(md, VOC, "MoCo v2 200ep")
+    assert "| 82.4 | 57.0 | 63.6 |" in moco and "reported" in moco
+    assert "reported" in _md_row(md, COCO, "SANE-Multi (strong)") and "42.4" in _md_row(md, COCO, "SANE-Multi (strong)")
+    assert "92.5" in _md_row(md, "pretrain:cifar10", "MoCo v2")      # CIFAR rows beside a cifar task
+    assert "imagenet" not in md.lower()                              # no imagenet task: not shown
+    incomplete = md.split("Incomplete runs:")[1]
+    assert f"{Path('mocov2') / VOC / 'seed1'} — failed" in incomplete
+    assert f"{Path('mocov2') / VOC / 'seed2'} — missing" in incomplete
+    assert f"{Path('pretrain') / 'mocov2'} — unfinished: no done.json" in incomplete
+    assert "CUDA out of memory" in incomplete and f"{Path(COCO) / 'seed1'} — failed" in incomplete
+    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 4
+
+
+def test_reported_modes_and_latex(root):
+    everything = _table(root, "md", "all")
+    assert "imagenet (reported only)" in everything and "76.4" in everything
+    none = _table(root, "md", "none")
+    assert "reported" not in none.replace("Rows marked 'reported'", "")
+    tex = _table(root, "latex")
+    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 3
+    assert r"82.0 $\pm$ 2.0 (n=3)" in tex and r"{voc\_R\_50\_C4\_24k (detection)}" in tex
+    assert r"MoCo v2 200ep & 82.4 & 57.0 & 63.6 &" in tex and "—" not in tex.split("Incomplete")[0]
+
+
+def test_cli_writes_file_and_rejects_missing_dir(root, tmp_path):
+    out = tmp_path / "results.md"
+    ok = subprocess.run([sys.executable, "tools/results_table.py", str(root), "--out", str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "82.0 ± 2.0 (n=3)" in out.read_text() and "incomplete:" in ok.stderr
+    assert results_table.main([str(tmp_path / "nope")]) == 2
+    assert results_table.main([str(tmp_path)]) == 2          # exists but holds no runs
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_figures_content_and_pngs(root, tmp_path):
+    runs, _ = results_table.find_runs([str(root)])
+    curves = plot_results.plot_pretrain_curves(runs)
+    loss, knn, quality = curves.axes
+    assert len(loss.lines) == 2 and len(knn.lines) == 2     # sane + mocov2 (unfinished still drawn)
+    assert len(quality.lines) == 2                          # sane SLR + its one-hot reference
+    assert list(knn.lines[1].get_ydata()) == [40.0, 61.0]   # sane is the 2nd backbone (sorted)
+    bars = plot_results.plot_detection_ap(runs)
+    coco_ax, voc_ax = bars.axes
+    assert len(voc_ax.patches) == 2 * 3 and len(coco_ax.patches) == 1 * 2
+    sane_bars = [c for c in voc_ax.containers if isinstance(c, BarContainer)][1]
+    assert [p.get_height() for p in sane_bars.patches] == [82.0, 52.0, 57.0]
+    segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std
+    assert math.isclose(segs[0][1][1] - segs[0][0][1], 4.0)
+    assert plot_results.main([str(root), "--out", str(tmp_path)]) == 0
+    assert _png_size(tmp_path / "pretrain_curves.png") == (1500, 400)
+    assert _png_size(tmp_path / "detection_ap.png") == (1000, 400)

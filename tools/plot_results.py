@@ -1,0 +1,129 @@
+"""PNG figures of the suite's results: pretraining curves (loss, kNN top-1, SLR label quality) per
+backbone and detection AP bars with sample-std error bars; runs are read by tools/results_table."""
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from tools.results_table import aggregate, columns_for, find_runs  # noqa: E402
+
+# (axis title, record type, key); label quality also draws the one-hot reference
+CURVES = (("train loss", "train", "loss"), ("kNN top-1 (%)", "knn", "knn_top1"),
+          ("SLR label quality: same-class mass", "label_quality", "slr_same_class_mass"))
+ONEHOT_KEY = "onehot_same_class_mass"
+
+
+def mean_curve(runs, rtype, key):
+    """(iters, values): the metric averaged over the seeds that logged each iteration."""
+    points = {}
+    for run in runs:
+        for r in run.records:
+            v = r.get(key)
+            if r.get("type") == rtype and isinstance(v, (int, float)) and math.isfinite(v):
+                points.setdefault(r.get("iter", r.get("epoch", 0)), []).append(v)
+    xs = sorted(points)
+    return xs, [sum(points[x]) / len(points[x]) for x in xs]
+
+
+def plot_pretrain_curves(runs):
+    """One subplot per curve, one line per backbone (mean over its seeds); finished or not,
+    since the curves are how a running job is watched. Returns the Figure."""
+    by_backbone = {}
+    for r in runs:
+        if r.kind == "pretrain" and r.records:
+            by_backbone.setdefault(r.backbone, []).append(r)
+    fig = Figure(figsize=(15, 4), dpi=100)
+    axes = fig.subplots(1, len(CURVES))
+    for i, (backbone, group) in enumerate(sorted(by_backbone.items())):
+        color = f"C{i % 10}"
+        for ax, (title, rtype, key) in zip(axes, CURVES):
+            xs, ys = mean_curve(group, rtype, key)
+            if xs:
+                ax.plot(xs, ys, color=color, label=backbone)
+            if rtype == "label_quality":
+                xs, ys = mean_curve(group, rtype, ONEHOT_KEY)
+                if xs:
+                    ax.plot(xs, ys, color=color, linestyle="--", label=f"{backbone} one-hot")
+    for ax, (title, _, _) in zip(axes, CURVES):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_detection_ap(runs):
+    """One subplot per detection task: groups of bars per metric, one bar per backbone,
+    error bars = sample std over seeds (none for n=1). Returns the Figure."""
+    table = {task: groups for (kind, task), groups in sorted(aggregate(runs).items())
+             if kind == "detection"}
+    fig = Figure(figsize=(5 * max(1, len(table)), 4), dpi=100)
+    axes = fig.subplots(1, max(1, len(table)), squeeze=False)[0]
+    for ax, (task, groups) in zip(axes, table.items()):
+        columns, backbones = columns_for("detection", task), sorted(groups)
+        width = 0.8 / len(backbones)
+        for j, backbone in enumerate(backbones):
+            cells = [groups[backbone].get(c) for c in columns]
+            means = [c[0] if c else math.nan for c in cells]
+            stds = [c[1] if c and c[1] is not None else 0.0 for c in cells]
+            xs = [k - 0.4 + width * (j + 0.5) for k in range(len(columns))]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, color=f"C{j % 10}",
+                   label=f"{backbone} (n={max((c[2] for c in cells if c), default=0)})")
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns)
+        ax.set_title(task)
+        ax.set_ylabel("AP (%)")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_png(fig, path):
+    """savefig to a temp file beside `path`, then rename (readers never see half a PNG)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories or roots searched recursively")
+    parser.add_argument("--out", required=True, help="output directory for the PNG files")
+    args = parser.parse_args(argv)
+    for p in args.run_dirs:
+        if not os.path.isdir(p):
+            print(f"plot_results: {p} is not a directory; pass run directories or a root that "
+                  f"holds them", file=sys.stderr)
+            return 2
+    runs, _ = find_runs(args.run_dirs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wrote = []
+    if any(r.kind == "pretrain" and r.records for r in runs):
+        save_png(plot_pretrain_curves(runs), out / "pretrain_curves.png")
+        wrote.append("pretrain_curves.png")
+    if any(r.kind == "detection" and not r.problem for r in runs):
+        save_png(plot_detection_ap(runs), out / "detection_ap.png")
+        wrote.append("detection_ap.png")
+    if not wrote:
+        print(f"plot_results: no pretraining curves or finished detection runs under "
+              f"{' '.join(args.run_dirs)}; see docs/formats.md", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(str(out / w) for w in wrote)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Results table: mean ± sample std over seeds of every pretraining and detection run, grouped by
+(backbone, task), beside the reported rows of tools/reported_results.csv; incomplete runs are listed."""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRETRAIN_COLUMNS = ("kNN top-1", "linear top-1", "VOC07 cls mAP")
+VOC_COLUMNS = ("AP50", "AP", "AP75")
+COCO_COLUMNS = ("AP (bbox)", "AP (segm)")
+REPORTED_FILE = Path(__file__).resolve().with_name("reported_results.csv")
+SEED_DIR = re.compile(r"seed[_-]?(\d+)$")
+STD_NOTE = ("Mean ± sample std (ddof=1) over seeds, n = number of seeds; n=1 shows the value "
+            "alone. Rows marked 'reported' are published numbers, not runs of this suite.")
+
+
+@dataclass
+class Run:
+    """One pretraining or detection output directory, as read from its files."""
+    path: Path
+    kind: str                      # "pretrain" or "detection"
+    backbone: str
+    task: str
+    seed: "int | None" = None
+    metrics: dict = field(default_factory=dict)   # table column -> value
+    records: list = field(default_factory=list)   # metrics.jsonl of a pretraining run
+    problem: str = ""              # "" when complete, else "unfinished: ..." / "failed: ..."
+
+
+# ---------------------------------------------------------------- readers (shared with plots)
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    """Records of a metrics.jsonl; an unparsable line (a run killed mid-write) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def read_yaml(path):
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def traceback_in_log(path, tail_bytes=8192):
+    """Last line of a log.txt whose tail holds a Python traceback, else None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - tail_bytes))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    if "Traceback (most recent call last)" not in tail:
+        return None
+    lines = [ln for ln in tail.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "traceback"
+
+
+def _layout_names(d):
+    """(backbone_or_parent, name, seed) from ROOT/<backbone>/<task>/seed<k> or ROOT/<name>/."""
+    m = SEED_DIR.match(d.name)
+    if m:
+        return d.parent.parent.name, d.parent.name, int(m.group(1))
+    return d.parent.name, d.name, None
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pretrain_task(cfg):
+    """'pretrain:<dataset>' from the config's data section (dataset name, else data.root)."""
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    name = data.get("dataset") or data.get("name")
+    if not name and data.get("root"):
+        root = Path(str(data["root"]).rstrip("/"))
+        # an ImageFolder root is often <dataset>/imagefolder or <dataset>/train
+        name = root.parent.name if root.name in ("imagefolder", "train") else root.name
+    return f"pretrain:{str(name).lower()}" if name else "pretrain"
+
+
+def read_pretrain_run(d):
+    cfg = read_yaml(d / "config.yaml")
+    _, name, seed = _layout_names(d)
+    backbone = d.parent.name if seed is not None else name
+    seed = cfg.get("seed", seed)
+    run = Run(d, "pretrain", backbone, pretrain_task(cfg), seed)
+    run.records = read_jsonl(d / "metrics.jsonl")
+    knn = [r["knn_top1"] for r in run.records if r.get("type") == "knn" and _finite(r.get("knn_top1"))]
+    crash = traceback_in_log(d / "log.txt")
+    if not (d / "done.json").exists():
+        last = run.records[-1] if run.records else {}
+        run.problem = (f"failed: log.txt ends in a traceback ({crash})" if crash else
+                       f"unfinished: no done.json (last logged epoch {last.get('epoch', '?')}, "
+                       f"iter {last.get('iter', '?')})")
+        return run
+    done = read_json(d / "done.json")
+    top1 = done.get("knn_top1")
+    top1 = top1 if _finite(top1) else (knn[-1] if knn else None)
+    if top1 is not None:
+        run.metrics["kNN top-1"] = float(top1)
+    return run
+
+
+def detection_metrics(results):
+    """Table columns from final_metrics.json 'results' (Detectron2's AP in percent)."""
+    bbox, segm = results.get("bbox") or {}, results.get("segm") or {}
+    out = {k: bbox[k] for k in VOC_COLUMNS if k in bbox}
+    if "AP" in bbox:
+        out["AP (bbox)"] = bbox["AP"]
+    if "AP" in segm:
+        out["AP (segm)"] = segm["AP"]
+    return out
+
+
+def columns_for(kind, task):
+    if kind == "pretrain":
+        return PRETRAIN_COLUMNS
+    return COCO_COLUMNS if "coco" in task.lower() else VOC_COLUMNS
+
+
+def read_detection_run(d):
+    layout_backbone, layout_task, seed = _layout_names(d)
+    if (d / "final_metrics.json").exists():
+        fm = read_json(d / "final_metrics.json")
+        run = Run(d, "detection", str(fm.get("backbone") or layout_backbone),
+                  str(fm.get("task") or layout_task), fm.get("seed", seed))
+        results = fm.get("results")
+        run.metrics = detection_metrics(results) if isinstance(results, dict) else {}
+        shown = [run.metrics.get(c) for c in columns_for("detection", run.task)]
+        if not run.metrics or not all(_finite(v) for v in shown if v is not None) \
+                or all(v is None for v in shown):
+            run.problem = f"failed: final_metrics.json results are empty or NaN ({results!r:.80})"
+        return run
+    cfg = read_yaml(d / "config.yaml") if (d / "config.yaml").exists() else {}
+    name = (cfg.get("TRANSFER") or {}).get("BACKBONE_NAME") if isinstance(cfg.get("TRANSFER"), dict) else None
+    run = Run(d, "detection", name or layout_backbone, layout_task, cfg.get("SEED", seed))
+    crash = traceback_in_log(d / "log.txt")
+    if crash:
+        run.problem = f"failed: log.txt ends in a traceback ({crash})"
+    else:
+        it = "?"
+        if (d / "metrics.json").exists():  # Detectron2's JSONWriter: one record per line
+            its = [r["iteration"] for r in read_jsonl(d / "metrics.json") if "iteration" in r]
+            it = its[-1] if its else "?"
+        run.problem = f"unfinished: no final_metrics.json (last iter {it})"
+    return run
+
+
+def attach_linear(lin_dir, pretrain_runs, problems):
+    """Put a linear_metrics.json on the pretraining run whose checkpoint it probed (or, failing
+    that, the pretraining run that holds the probe directory)."""
+    lm = read_json(lin_dir / "linear_metrics.json")
+    ckpt = Path(str(lm.get("checkpoint", "")))
+    candidates = [ckpt] if ckpt.is_absolute() else [lin_dir / ckpt, Path.cwd() / ckpt]
+    owners = {r.path.resolve(): r for r in pretrain_runs}
+    run = next((owners[c.resolve().parent] for c in candidates
+                if str(ckpt) and c.resolve().parent in owners), None)
+    if run is None:
+        run = next((owners[p] for p in lin_dir.resolve().parents if p in owners), None)
+    if run is None:
+        problems.append((str(lin_dir), f"orphan linear probe: checkpoint {ckpt} is no pretraining run found"))
+        return
+    if lm.get("preset") == "voc07" or "mAP" in lm:
+        column, value = "VOC07 cls mAP", lm.get("mAP")
+    else:
+        column, value = "linear top-1", lm.get("top1")
+    if _finite(value):
+        run.metrics[column] = float(value)
+    else:
+        problems.append((str(lin_dir), f"failed: linear_metrics.json has no finite {column}"))
+
+
+def find_runs(paths):
+    """Every run under `paths` (run dirs or roots searched recursively).
+
+    Returns (runs, problems): runs include incomplete ones (run.problem set); problems are
+    (path, reason) pairs for unreadable files, empty seed directories and orphan probes.
+    """
+    runs, problems, linear_dirs = [], [], []
+    for root in paths:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            d, files = Path(dirpath), set(filenames)
+            try:
+                if "linear_metrics.json" in files:
+                    linear_dirs.append(d)
+                elif "final_metrics.json" in files:
+                    runs.append(read_detection_run(d))
+                elif "metrics.jsonl" in files and "config.yaml" in files:
+                    runs.append(read_pretrain_run(d))
+                elif "config.yaml" in files and files & {"last_checkpoint", "metrics.json", "log.txt"}:
+                    runs.append(read_detection_run(d))
+                elif SEED_DIR.match(d.name) and not dirnames:
+                    problems.append((str(d), "missing: seed directory holds no run files"))
+            except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
+                problems.append((str(d), f"failed: unreadable run files ({type(e).__name__}: {e})"))
+    pretrain_runs = [r for r in runs if r.kind == "pretrain"]
+    for d in linear_dirs:
+        try:
+            attach_linear(d, pretrain_runs, problems)
+        except (OSError, ValueError) as e:
+            problems.append((str(d), f"failed: unreadable linear_metrics.json ({e})"))
+    return runs, problems
+
+
+def missing_seeds(runs):
+    """(path, reason) for each seed that other backbones of the same task have and this one lacks."""
+    by_task = {}
+    for r in runs:
+        if r.seed is not None:
+            by_task.setdefault((r.kind, r.task), {}).setdefault(r.backbone, []).append(r)
+    out = []
+    for (kind, task), groups in sorted(by_task.items()):
+        every = {r.seed for rs in groups.values() for r in rs}
+        for backbone, rs in sorted(groups.items()):
+            have = {r.seed for r in rs}
+            for seed in sorted(every - have, key=str):
+                parent = rs[0].path.parent if SEED_DIR.match(rs[0].path.name) else None
+                where = str(parent / f"seed{seed}") if parent else f"{backbone}/{task} seed {seed}"
+                out.append((where, f"missing: seed {seed} of {backbone} on {task} "
+                                   f"(other backbones have it)"))
+    return out
+
+
+# ---------------------------------------------------------------- aggregation
+def summarize(values):
+    """(mean, sample std or None for n=1, n)."""
+    n = len(values)
+    return statistics.fmean(values), (statistics.stdev(values) if n > 1 else None), n
+
+
+def aggregate(runs):
+    """{(kind, task): {backbone: {column: (mean, std, n)}}} over complete runs only."""
+    table = {}
+    for r in runs:
+        if r.problem:
+            continue
+        cells = table.setdefault((r.kind, r.task), {}).setdefault(r.backbone, {})
+        for column in columns_for(r.kind, r.task):
+            if _finite(r.metrics.get(column)):
+                cells.setdefault(column, []).append(float(r.metrics[column]))
+    return {key: {b: {c: summarize(v) for c, v in cols.items()} for b, cols in groups.items()}
+            for key, groups in table.items()}
+
+
+def read_reported(path=REPORTED_FILE):
+    """{task keyword: [(method, source, {column: value})]} in file order."""
+    rows = {}
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            group = rows.setdefault(rec["task"], {}).setdefault((rec["method"], rec["source"]), {})
+            group[rec["metric"]] = float(rec["value"])
+    return {task: [(m, s, cols) for (m, s), cols in groups.items()] for task, groups in rows.items()}
+
+
+def build_sections(runs, reported, mode="match"):
+    """Sections of the table: (kind, task, columns, rows); a row is (label, source, {column: cell})
+    with cell = (mean, std, n) for measured rows and (value, None, None) for reported ones."""
+    sections, used = [], set()
+    # pretraining sections first, then detection, each by task name
+    for (kind, task), groups in sorted(aggregate(runs).items(), key=lambda kv: (kv[0][0] != "pretrain", kv[0])):
+        columns = columns_for(kind, task)
+        rows = [(b, "measured", cells) for b, cells in sorted(groups.items())]
+        for keyword, entries in reported.items():
+            if mode != "none" and keyword in task.lower():
+                used.add(keyword)
+                rows += [(m, f"reported: {s}", {c: (v, None, None) for c, v in cols.items()})
+                         for m, s, cols in entries if set(cols) & set(columns)]
+        sections.append((kind, task, columns, rows))
+    if mode == "all":
+        for keyword, entries in reported.items():
+            if keyword in used:
+                continue
+            kind = "detection" if keyword in ("voc", "coco") else "pretrain"
+            columns = columns_for(kind, keyword)
+            rows = [(m, f"reported: {s}", {c: (v, None, None) for c, v in cols.items()})
+                    for m, s, cols in entries]
+            sections.append((kind, f"{keyword} (reported only)", columns, rows))
+    return sections
+
+
+# ---------------------------------------------------------------- rendering
+def format_cell(cell, pm="±", empty="—"):
+    if cell is None:
+        return empty
+    mean, std, n = cell
+    if n is None:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} {pm} {std:.1f} (n={n})" if std is not None else f"{mean:.1f} (n={n})"
+
+
+def render_markdown(sections, incomplete):
+    out = [f"_{STD_NOTE}_", ""]
+    for kind, task, columns, rows in sections:
+        out += [f"### {task} ({kind})", "", "| Backbone | " + " | ".join(columns) + " | Source |",
+                "|---" * (len(columns) + 2) + "|"]
+        out += ["| " + " | ".join([label] + [format_cell(cells.get(c)) for c in columns] + [source]) + " |"
+                for label, source, cells in rows]
+        out.append("")
+    out.append("Incomplete runs:" if incomplete else "Incomplete runs: none")
+    out += [f"- {path} — {reason}" for path, reason in incomplete]
+    return "\n".join(out) + "\n"
+
+
+def _tex(s):
+    return re.sub(r"([_&%#$])", r"\\\1", str(s))
+
+
+def render_latex(sections, incomplete):
+    out = [f"% {STD_NOTE}"]
+    for kind, task, columns, rows in sections:
+        out += [r"\begin{tabular}{l" + "c" * len(columns) + "l}", r"\toprule",
+                rf"\multicolumn{{{len(columns) + 2}}}{{l}}{{{_tex(task)} ({kind})}} \\", r"\midrule",
+                " & ".join(["Backbone"] + [_tex(c) for c in columns] + ["Source"]) + r" \\", r"\midrule"]
+        out += [" & ".join([_tex(label)] + [format_cell(cells.get(c), r"$\pm$", "--") for c in columns]
+                           + [_tex(source)]) + r" \\" for label, source, cells in rows]
+        out += [r"\bottomrule", r"\end{tabular}", ""]
+    out.append("% Incomplete runs:" if incomplete else "% Incomplete runs: none")
+    out += [f"% {path} — {reason}" for path, reason in incomplete]
+    return "\n".join(out) + "\n"
+
+
+def render_csv(sections, incomplete):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["kind", "task", "backbone", "source", "metric", "mean", "std", "n", "note"])
+    for kind, task, columns, rows in sections:
+        for label, source, cells in rows:
+            for c in columns:
+                if c in cells:
+                    mean, std, n = cells[c]
+                    w.writerow([kind, task, label, source, c, repr(mean),
+                                "" if std is None else repr(std), "" if n is None else n, ""])
+    for path, reason in incomplete:
+        w.writerow(["", "", "", "incomplete", "", "", "", "", f"{path} — {reason}"])
+    return buf.getvalue()
+
+
+RENDERERS = {"md": render_markdown, "csv": render_csv, "latex": render_latex}
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def collect(paths, reported_mode="match", reported_file=REPORTED_FILE):
+    """Everything the renderers need: (sections, incomplete [(path, reason)])."""
+    runs, problems = find_runs(paths)
+    incomplete = [(str(r.path), r.problem) for r in runs if r.problem] + problems
+    seen = {p for p, _ in incomplete}
+    incomplete += [(p, why) for p, why in missing_seeds(runs) if p not in seen]
+    reported = read_reported(reported_file) if reported_mode != "none" else {}
+    return build_sections(runs, reported, reported_mode), sorted(incomplete), runs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories or roots searched recursively")
+    parser.add_argument("--format", choices=sorted(RENDERERS), default="md")
+    parser.add_argument("--out", help="write here (atomically) instead of stdout")
+    parser.add_argument("--reported", choices=("match", "all", "none"), default="match",
+                        help="reported rows: only beside matching tasks (default), all, or none")
+    args = parser.parse_args(argv)
+    for p in args.run_dirs:
+        if not os.path.isdir(p):
+            print(f"results_table: {p} is not a directory; pass run directories or a root that "
+                  f"holds them", file=sys.stderr)
+            return 2
+    sections, incomplete, runs = collect(args.run_dirs, args.reported)
+    if not runs and not incomplete:
+        print(f"results_table: no pretraining or detection runs found under {' '.join(args.run_dirs)}; "
+              f"see docs/formats.md for the files a run writes", file=sys.stderr)
+        return 2
+    text = RENDERERS[args.format](sections, incomplete)
+    if args.out:
+        write_atomic(args.out, text)
+        complete = sum(not r.problem for r in runs)
+        print(f"wrote {args.out} ({complete} complete runs, {len(incomplete)} incomplete)",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    for path, reason in incomplete:
+        print(f"incomplete: {path} — {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
