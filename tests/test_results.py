@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import matplotlib.colors
 import yaml
 from matplotlib.container import BarContainer
 
@@ -77,11 +78,12 @@ def root(tmp_path_factory):
     _write(crashed / "config.yaml", {"SEED": 1})
     _write(crashed / "metrics.json", '{"iteration": 19, "total_loss": 1.0}\n')
     _write(crashed / "log.txt", "iter 19\nTraceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\n")
+    (root / "transfer" / "sane" / COCO / "seed2").mkdir()    # created, never written: missing
+    _write(root / "transfer" / "sane" / VOC / "seed3" / "final_metrics.json", '{"task": ')  # truncated
     return root
 
 
 def _table(root, fmt, *extra):
-    buf = io.StringIO()
     sections, incomplete, _ = results_table.collect([str(root)], *extra)
     return results_table.RENDERERS[fmt](sections, incomplete)
 
@@ -121,7 +123,9 @@ def test_markdown_cells_reported_rows_and_incomplete_runs(root):
     assert f"{Path('mocov2') / VOC / 'seed2'} — missing" in incomplete
     assert f"{Path('pretrain') / 'mocov2'} — unfinished: no done.json" in incomplete
     assert "CUDA out of memory" in incomplete and f"{Path(COCO) / 'seed1'} — failed" in incomplete
-    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 4
+    assert f"{Path(COCO) / 'seed2'} — missing: seed directory holds no run files" in incomplete
+    assert f"{Path(VOC) / 'seed3'} — failed: unreadable run files" in incomplete
+    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 6
 
 
 def test_reported_modes_and_latex(root):
@@ -165,6 +169,7 @@ def test_figures_content_and_pngs(root, tmp_path):
     assert [p.get_height() for p in sane_bars.patches] == [82.0, 52.0, 57.0]
     segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std
     assert math.isclose(segs[0][1][1] - segs[0][0][1], 4.0)
+    assert sane_bars.patches[0].get_facecolor()[:3] == matplotlib.colors.to_rgb(knn.lines[1].get_color())
     assert plot_results.main([str(root), "--out", str(tmp_path)]) == 0
     assert _png_size(tmp_path / "pretrain_curves.png") == (1500, 400)
     assert _png_size(tmp_path / "detection_ap.png") == (1000, 400)

@@ -4,7 +4,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +33,11 @@ def mean_curve(runs, rtype, key):
     return xs, [sum(points[x]) / len(points[x]) for x in xs]
 
 
+def backbone_colors(runs):
+    """One colour per backbone name, the same in every subplot and figure."""
+    return {b: f"C{i % 10}" for i, b in enumerate(sorted({r.backbone for r in runs}))}
+
+
 def plot_pretrain_curves(runs):
     """One subplot per curve, one line per backbone (mean over its seeds); finished or not,
     since the curves are how a running job is watched. Returns the Figure."""
@@ -43,8 +47,9 @@ def plot_pretrain_curves(runs):
             by_backbone.setdefault(r.backbone, []).append(r)
     fig = Figure(figsize=(15, 4), dpi=100)
     axes = fig.subplots(1, len(CURVES))
-    for i, (backbone, group) in enumerate(sorted(by_backbone.items())):
-        color = f"C{i % 10}"
+    colors = backbone_colors(runs)
+    for backbone, group in sorted(by_backbone.items()):
+        color = colors[backbone]
         for ax, (title, rtype, key) in zip(axes, CURVES):
             xs, ys = mean_curve(group, rtype, key)
             if xs:
@@ -69,15 +74,16 @@ def plot_detection_ap(runs):
              if kind == "detection"}
     fig = Figure(figsize=(5 * max(1, len(table)), 4), dpi=100)
     axes = fig.subplots(1, max(1, len(table)), squeeze=False)[0]
+    colors = backbone_colors(runs)
     for ax, (task, groups) in zip(axes, table.items()):
         columns, backbones = columns_for("detection", task), sorted(groups)
         width = 0.8 / len(backbones)
         for j, backbone in enumerate(backbones):
             cells = [groups[backbone].get(c) for c in columns]
             means = [c[0] if c else math.nan for c in cells]
-            stds = [c[1] if c and c[1] is not None else 0.0 for c in cells]
+            stds = [c[1] if c and c[1] is not None else math.nan for c in cells]  # n=1: no bar
             xs = [k - 0.4 + width * (j + 0.5) for k in range(len(columns))]
-            ax.bar(xs, means, width, yerr=stds, capsize=3, color=f"C{j % 10}",
+            ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors[backbone],
                    label=f"{backbone} (n={max((c[2] for c in cells if c), default=0)})")
         ax.set_xticks(range(len(columns)))
         ax.set_xticklabels(columns)
@@ -90,8 +96,7 @@ def plot_detection_ap(runs):
 
 def save_png(fig, path):
     """savefig to a temp file beside `path`, then rename (readers never see half a PNG)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
 

@@ -9,7 +9,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -362,10 +361,10 @@ RENDERERS = {"md": render_markdown, "csv": render_csv, "latex": render_latex}
 
 
 def write_atomic(path, text):
+    """Write beside `path`, then rename: a reader never sees half a table (mode follows umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
