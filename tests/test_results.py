@@ -69,7 +69,7 @@ def root(tmp_path_factory):
     _detection(root / "transfer" / "mocov2" / VOC / "seed0", "mocov2", VOC, 0,
                {"AP": 52.0, "AP50": 81.0, "AP75": 57.0})
     _detection(root / "transfer" / "mocov2" / VOC / "seed1", "mocov2", VOC, 1,
-               {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")})   # failed
+               {"AP": None, "AP50": None, "AP75": None})   # failed: train_net writes NaN as null
     # mocov2 seed2 never ran: it must be listed as missing
     d = root / "transfer" / "sane" / COCO / "seed0"
     _detection(d, "sane", COCO, 0, {"AP": 40.0, "AP50": 60.0, "AP75": 43.0, "APs": float("nan")},
@@ -147,6 +147,26 @@ def test_cli_writes_file_and_rejects_missing_dir(root, tmp_path):
     assert "82.0 ± 2.0 (n=3)" in out.read_text() and "incomplete:" in ok.stderr
     assert results_table.main([str(tmp_path / "nope")]) == 2
     assert results_table.main([str(tmp_path)]) == 2          # exists but holds no runs
+
+
+@pytest.mark.parametrize("task,results,failed", [
+    (VOC, {"bbox": {"AP": 50.0, "AP50": float("nan"), "AP75": 55.0}}, True),
+    (VOC, {}, True),
+    (COCO, {"bbox": {"AP": 40.0, "APs": None}}, False),     # NaN/null outside the shown columns
+    (COCO, {"segm": {"AP": None}}, True),
+])
+def test_failed_detection_results(tmp_path, task, results, failed):
+    _write(tmp_path / "final_metrics.json", {"task": task, "backbone": "b", "seed": 0, "results": results})
+    assert results_table.read_detection_run(tmp_path).problem.startswith("failed") == failed
+
+
+def test_reported_rows_not_beside_synthetic_tasks(tmp_path):
+    task = "demo_shapes_voc_R_18_C4"
+    _detection(tmp_path / "b" / task / "seed0", "b", task, 0, {"AP": 1.0, "AP50": 2.0, "AP75": 0.5})
+    sections, _, _ = results_table.collect([str(tmp_path)])
+    assert [[src for _, src, _ in rows] for *_, rows in sections] == [["measured"]]
+    sections, _, _ = results_table.collect([str(tmp_path)], "all")
+    assert sum(src.startswith("reported") for *_, rows in sections for _, src, _ in rows) > 20
 
 
 def _png_size(path):
