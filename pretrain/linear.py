@@ -14,7 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from pretrain.data import MEAN, STD, eval_transform
 from pretrain.knn import extract_features
+from pretrain.model import build_backbone, load_backbone_state
 from pretrain.utils import MetricLogger, UserError, atomic_write_json, cosine_lr, seed_all
 
 # The paper's protocols (method.md). Features are extracted once with the test transform and
@@ -30,43 +32,36 @@ PRESETS = {
     "voc07": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, epochs=100,
                   batch_size=256, image_size=224, augment=False, normalize=True),
 }
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------- checkpoints and backbone
-def _strip(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def read_backbone_state(path):
     """(torchvision-named backbone state dict without fc, arch or None) from any of: this
-    project's pretraining checkpoint, MoCo's {"state_dict": {"module.encoder_q.*"}}, or a
-    plain torchvision state dict."""
+    project's pretraining checkpoint, a plain torchvision state dict, or MoCo's official
+    {"state_dict": {"module.encoder_q.*"}, "arch"}."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass --checkpoint PATH to a "
-                              "pretraining checkpoint.pth or a torchvision/MoCo state dict")
+                        "pretraining checkpoint.pth or a torchvision/MoCo state dict")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors carry no hint about the file
         raise UserError(f"checkpoint {path} cannot be read as a torch state dict "
-                              f"({type(e).__name__}); pass a .pth written by torch.save") from None
+                        f"({type(e).__name__}); pass a .pth written by torch.save") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a dict of weights")
-    if isinstance(ckpt.get("model"), dict) and any(k.startswith("encoder_q.") for k in ckpt["model"]):
-        from pretrain.model import load_backbone_state
-        return load_backbone_state(str(path)), _config_arch(ckpt.get("config"))
-    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), str) else None
-    state = ckpt.get("state_dict", ckpt)
-    state = {k.replace("module.", "", 1) if k.startswith("module.") else k: v
-             for k, v in state.items() if torch.is_tensor(v)}
-    if any(k.startswith("encoder_q.") for k in state):   # MoCo: keep the query encoder only
-        state = _strip(state, "encoder_q.")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if isinstance(ckpt.get("state_dict"), dict):  # MoCo main_moco: keep the query encoder
+        state = {k.replace("module.", "", 1): v for k, v in ckpt["state_dict"].items()}
+        if any(k.startswith("encoder_q.") for k in state):
+            state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        arch = ckpt.get("arch")
+    else:
+        state, arch = load_backbone_state(str(path)), _config_arch(ckpt.get("config"))
     if "conv1.weight" not in state:
-        raise UserError(f"checkpoint {path} holds no ResNet backbone (no conv1.weight "
-                              "after stripping module./encoder_q.); pass a ResNet checkpoint")
-    return state, arch
+        raise UserError(f"checkpoint {path} holds no ResNet backbone (no conv1.weight after "
+                        "stripping module./encoder_q.); pass a ResNet checkpoint")
+    return state, arch if isinstance(arch, str) else None
 
 
 def _config_arch(config):
@@ -80,27 +75,17 @@ def _config_arch(config):
 
 def build_frozen_backbone(checkpoint, arch=None):
     """The checkpoint's backbone with fc = Identity, frozen; arch from --arch, else the checkpoint."""
-    try:
-        from pretrain.model import build_backbone
-    except ImportError:  # TEMP: until pretrain/model.py lands
-        import torchvision
-
-        def build_backbone(arch):
-            net = torchvision.models.__dict__[arch]()
-            net.fc = nn.Identity()
-            return net
     state, ckpt_arch = read_backbone_state(checkpoint)
     arch = arch or ckpt_arch or "resnet50"
     try:
         backbone = build_backbone(arch)
-    except (KeyError, ValueError, AttributeError):
-        raise UserError(f"unknown --arch {arch!r} for checkpoint {checkpoint}; pass a "
-                              "torchvision ResNet name such as resnet50") from None
+    except ValueError as e:  # build_backbone names the bad arch and the fix
+        raise UserError(f"{e} (checkpoint {checkpoint})") from None
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError:
         raise UserError(f"checkpoint {checkpoint} does not match arch {arch} (missing, extra "
-                              "or mis-shaped keys); pass the --arch it was trained with") from None
+                        "or mis-shaped keys); pass the --arch it was trained with") from None
     for p in backbone.parameters():
         p.requires_grad_(False)
     return backbone.eval(), arch
@@ -113,8 +98,7 @@ def probe_transforms(image_size, preset):
     if preset == "cifar":
         test = transforms.Compose([transforms.Resize((image_size, image_size))] + norm)
     else:  # resize 256/224 then center crop, as main_lincls
-        test = transforms.Compose([transforms.Resize(int(round(image_size * 256 / 224))),
-                                   transforms.CenterCrop(image_size)] + norm)
+        test = eval_transform(image_size)
     train = transforms.Compose([transforms.RandomResizedCrop(image_size),
                                 transforms.RandomHorizontalFlip()] + norm)
     return train, test
@@ -125,12 +109,12 @@ def image_folders(root, train_tf, test_tf):
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(f"data root {root} has no train/ and val/ folders; pass an "
-                              "ImageFolder root (synthetic corpus: DIR/imagefolder)")
+                        "ImageFolder root (synthetic corpus: DIR/imagefolder)")
     train, val = datasets.ImageFolder(root / "train", train_tf), datasets.ImageFolder(root / "val", test_tf)
     unknown = set(val.classes) - set(train.classes)
     if unknown:
         raise UserError(f"data root {root}: val/ has classes {sorted(unknown)} missing "
-                              "from train/; give both splits the same class folders")
+                        "from train/; give both splits the same class folders")
     val.samples = [(p, train.class_to_idx[val.classes[t]]) for p, t in val.samples]
     val.targets = [t for _, t in val.samples]
     return train, val
@@ -159,7 +143,7 @@ class VOC07Classification(Dataset):
             rows = [read_voc_annotation(self.root / "Annotations" / f"{i}.xml", index) for i in self.ids]
         except KeyError as e:
             raise UserError(f"{self.root}/Annotations names class {e} not in --classes; "
-                                  "pass the full class list") from None
+                            "pass the full class list") from None
         self.targets = torch.stack([r[0] for r in rows])      # [N, C] 1 = present
         self.ignore = torch.stack([r[1] for r in rows])       # [N, C] only difficult objects
 
@@ -186,7 +170,7 @@ def voc07_sets(root, train_tf, test_tf, classes=None):
     voc = Path(root) / "VOC2007"
     if not all((voc / "ImageSets" / "Main" / f"{s}.txt").is_file() for s in ("trainval", "test")):
         raise UserError(f"data root {root} has no VOC2007/ImageSets/Main/{{trainval,test}}.txt; "
-                              "pass the folder holding VOC2007 (synthetic corpus: DIR)")
+                        "pass the folder holding VOC2007 (synthetic corpus: DIR)")
     classes = classes or voc_classes(voc)
     return (VOC07Classification(voc, "trainval", train_tf, classes),
             VOC07Classification(voc, "test", test_tf, classes))
@@ -243,7 +227,7 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
     for epoch in range(epochs):
         if epoch > 0:
             feats, targets = train_features(epoch)
-        total = 0.0
+        total = torch.zeros((), device=feats.device)   # summed on device: no sync per step
         for idx in torch.randperm(feats.shape[0], device=feats.device).split(batch_size):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, it, total_iters)
@@ -251,8 +235,8 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, it = total + loss.item() * len(idx), it + 1
-        row = {"type": "linear", "epoch": epoch + 1, "iter": it, "loss": total / feats.shape[0],
+            total, it = total + loss.detach() * len(idx), it + 1
+        row = {"type": "linear", "epoch": epoch + 1, "iter": it, "loss": total.item() / feats.shape[0],
                "lr": opt.param_groups[0]["lr"]}
         if evaluate is not None:
             with torch.no_grad():

@@ -130,6 +130,19 @@ def test_read_backbone_state_moco_format(tmp_path):
     assert torch.equal(got["conv1.weight"], net.conv1.weight)
 
 
+def test_read_backbone_state_pretrain_format_gives_arch(tmp_path):
+    net = torchvision.models.resnet18()
+    model = {"encoder_q." + k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    model.update({"encoder_q.fc.0.weight": torch.zeros(4, 512), "encoder_k.conv1.weight": net.conv1.weight})
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model, "epoch": 3, "config": {"model": {"arch": "resnet18"}}}, path)
+    got, arch = read_backbone_state(path)
+    assert arch == "resnet18"
+    assert set(got) == {k for k in net.state_dict() if not k.startswith("fc.")}
+    backbone, arch = linear.build_frozen_backbone(path)   # no --arch: the config's is used
+    assert arch == "resnet18" and not any(p.requires_grad for p in backbone.parameters())
+
+
 @pytest.fixture(scope="module")
 def resnet18_ckpt(tmp_path_factory):
     torch.manual_seed(0)
