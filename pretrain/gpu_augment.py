@@ -11,7 +11,6 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torchvision.datasets import DatasetFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-from torchvision.ops import roi_align
 from torchvision.transforms.autoaugment import _apply_op  # RandAugment's per-op dispatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,16 +206,15 @@ def sample_view_params(n, spec):
 
 # ---------------------------------------------------------------- batched ops, per-sample parameters
 def resized_crops(image, boxes, size):
-    """Crop each (top, left, h, w) box of one float [3, H, W] image and resize it to size x size.
+    """Crop each (top, left, h, w) box of one float [3, H, W] image and resize it to size x size:
+    torchvision's resized_crop (bilinear, antialias = PIL's filter) for all boxes of one image.
 
-    roi_align with aligned=True samples at the same pixel centres as bilinear F.interpolate
-    (exact when upscaling); when downscaling it averages ceil(h/size) samples per output
-    pixel, a box-filter stand-in for torchvision's antialiased resize.
+    Boxes stay on the CPU (no device sync); one interpolate per box is cheaper on the GPU than
+    padding a batch of differently sized images, and exact where roi_align is not.
     """
-    b = boxes.to(image.device, torch.float32)
-    rois = torch.cat([b.new_zeros(len(b), 1), b[:, 1:2], b[:, 0:1],
-                      b[:, 1:2] + b[:, 3:4], b[:, 0:1] + b[:, 2:3]], 1)
-    return roi_align(image[None], rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return torch.cat([F.interpolate(image[None, :, t:t + h, l:l + w], size=(size, size),
+                                    mode="bilinear", align_corners=False, antialias=True)
+                      for t, l, h, w in boxes.tolist()])
 
 
 def _blend(x, y, f):
@@ -390,7 +388,7 @@ class GPUMultiCrop(nn.Module):
         sizes = sorted({s.size for s in specs})
         for i, im in enumerate(images):
             im = im.float().div_(255)
-            for size in sizes:   # one roi_align per image and output size (q, k share 224)
+            for size in sizes:   # boxes of one image and output size together (q, k share 224)
                 vs = [v for v, s in enumerate(specs) if s.size == size]
                 out = resized_crops(im, torch.stack([boxes[v][i] for v in vs]), size)
                 for j, v in enumerate(vs):
