@@ -1,0 +1,284 @@
+"""The pretraining loop: DDP, bf16 autocast, cosine SGD, atomic checkpoints with automatic
+resume, metrics (train loss, kNN, SLR label quality) and done.json at the end."""
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pretrain import utils
+from pretrain.config import save_config
+from pretrain.losses import mu_schedule
+from pretrain.model import build_model
+
+STAT_KEYS = ("loss", "loss_vanilla", "loss_mm")
+QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_label_error",
+                "onehot_label_error")
+
+
+def build_data(cfg, rank, world):
+    """(dataset, per-step batch fn). The CPU path collates the batch dict in the loader;
+    the GPU path decodes and augments raw JPEG bytes on the device (pretrain.gpu_augment)."""
+    if cfg.data.pipeline == "gpu":
+        from pretrain.data import check_split_dir
+        from pretrain.gpu_augment import GPUMultiCrop, RawJPEGFolder
+
+        dataset = RawJPEGFolder(check_split_dir(cfg.data.root, "train"))
+        return dataset, RawJPEGFolder.collate, GPUMultiCrop.from_config(cfg)
+    from pretrain.data import build_train_dataset, collate_views
+
+    return build_train_dataset(cfg), collate_views, None
+
+
+def epoch_loader(cfg, dataset, collate, epoch, skip_batches, rank, world, local_batch):
+    """This epoch's loader, starting `skip_batches` in (resume mid-epoch). The order depends
+    only on (seed, epoch), and the loader has its own generator, so global RNG is untouched."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    usable = len(indices) // local_batch * local_batch
+    indices = indices[skip_batches * local_batch:usable]
+    g = torch.Generator()
+    g.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
+    workers = 0 if cfg.deterministic else cfg.data.num_workers
+    return DataLoader(dataset, batch_size=local_batch, sampler=indices, num_workers=workers,
+                      collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                      worker_init_fn=utils.seed_worker, generator=g,
+                      persistent_workers=False)
+
+
+def knn_eval(cfg, model, device, rank, world):
+    """kNN top-1 (k, exp(cos/t) weights) of the query backbone on val/, fed by train/."""
+    from pretrain.data import ImageDataset, eval_transform
+    from pretrain.knn import extract_features, knn_top1
+
+    root = Path(cfg.data.root)
+    tf = eval_transform(cfg.data.crop)
+    train = ImageDataset(root / "train", tf)
+    val = ImageDataset(root / "val", tf)
+    if not (train.has_labels and val.has_labels):
+        return None
+    if cfg.knn.max_train_images and len(train) > cfg.knn.max_train_images:
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(train), generator=g)[: cfg.knn.max_train_images]
+        train = torch.utils.data.Subset(train, keep.tolist())
+    enc = model.encoder_q
+    backbone = nn.Sequential(*[m for name, m in enc.named_children() if name != "fc"], nn.Flatten())
+
+    def loader(ds):
+        sampler = DistributedSampler(ds, world, rank, shuffle=False) if world > 1 else None
+        # own generator: the monitor must not consume the training RNG (bit-exact resume)
+        return DataLoader(ds, batch_size=cfg.knn.batch_size, sampler=sampler,
+                          num_workers=0 if cfg.deterministic else cfg.data.num_workers,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    with torch.no_grad(), autocast_ctx(cfg, device):
+        ftr, ltr = extract_features(backbone, loader(train), device)
+        fte, lte = extract_features(backbone, loader(val), device)
+    return float(knn_top1(ftr, ltr, fte, lte, len(val.classes), k=cfg.knn.k, t=cfg.knn.t))
+
+
+def autocast_ctx(cfg, device):
+    if device.type == "cuda" and cfg.amp == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe):
+    m = model.module if hasattr(model, "module") else model
+    state = m.state_dict()
+    utils.atomic_torch_save({
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        # the same tensors as model's buffers: torch.save stores shared storage once
+        "queue": {k: state[k] for k in ("queue", "queue_ptr", "queue_labels")},
+        "epoch": it // ipe,
+        "iter": it,
+        "config": cfg.to_dict(),
+        "rng": utils.get_rng_state(),
+    }, path)
+
+
+def configure_determinism(cfg):
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def train(cfg):
+    """Run (or resume) the pretraining described by `cfg` in cfg.output_dir."""
+    rank, world, device = utils.init_distributed()
+    out = Path(cfg.output_dir or "output/pretrain")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    log = utils.setup_logger(out, rank)
+    configure_determinism(cfg)
+    utils.seed_all(cfg.seed + rank)
+
+    if cfg.data.batch_size % world:
+        raise utils.UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                              f"the {world} processes")
+    local_batch = cfg.data.batch_size // world
+    dataset, collate, gpu_aug = build_data(cfg, rank, world)
+    ipe = len(dataset) // cfg.data.batch_size
+    if ipe == 0:
+        raise utils.UserError(f"{cfg.data.root}/train has {len(dataset)} images, fewer than "
+                              f"data.batch_size={cfg.data.batch_size}: lower the batch size")
+    total_iters = cfg.epochs * ipe
+    has_labels = getattr(dataset, "has_labels", False)
+
+    model = build_model(cfg).to(device)
+    if cfg.model.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    on_cuda = device.type == "cuda"
+    if on_cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = cfg.optim.lr * cfg.data.batch_size / 256
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
+
+    it = 0
+    ckpt_path = out / "checkpoint.pth"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        it = ckpt["iter"]
+        if world == 1:
+            utils.set_rng_state(ckpt["rng"])
+        else:
+            utils.seed_all(cfg.seed + rank + 7919 * it)
+        log.info(f"resumed from {ckpt_path} at iteration {it} (epoch {it // ipe})")
+    if cfg.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+
+    metrics = utils.MetricLogger(out, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
+    log.info(f"{cfg.method}: {cfg.model.arch}, {len(dataset)} images, {ipe} it/epoch, "
+             f"{cfg.epochs} epochs, batch {cfg.data.batch_size} on {world} x {device.type}")
+    progress = None
+    if rank == 0 and cfg.log.progress:
+        from tqdm import tqdm
+        progress = tqdm(total=total_iters, initial=it, dynamic_ncols=True, desc=cfg.method)
+
+    ran, last_knn, skipped_total = 0, None, 0
+    sums = {}
+    timer = utils.Throughput()
+    for epoch in range(it // ipe, cfg.epochs):
+        loader = epoch_loader(cfg, dataset, collate, epoch, it - epoch * ipe, rank, world, local_batch)
+        net.train()
+        for batch, labels in loader:
+            lr = utils.cosine_lr(base_lr, it, total_iters, cfg.optim.warmup_epochs * ipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            mu = mu_schedule(it, total_iters, cfg.slr.mu_start, cfg.slr.mu_end)
+            if gpu_aug is not None:
+                batch = gpu_aug(batch, device)
+            skipped_total += int(batch.get("skipped", 0))
+            im_q, im_k, mm = (to_device(batch[n], device, cfg) for n in ("q", "k", "mm"))
+            labels = labels.to(device, non_blocking=True) if has_labels else None
+            with autocast_ctx(cfg, device):
+                loss, stats = net(im_q, im_k, mm, labels, mu)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            it += 1
+            ran += 1
+            timer.add(cfg.data.batch_size)
+            for k, v in stats.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0) + v
+            sums["_n"] = sums.get("_n", 0) + 1
+            if it % cfg.log.every_iters == 0 or it % ipe == 0:
+                log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped_total)
+                sums = {}
+            elif progress is not None:
+                progress.update(1)
+            if cfg.max_iters_this_run and ran >= cfg.max_iters_this_run:
+                if rank == 0:
+                    save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+                log.info(f"stopping after {ran} iterations as max_iters_this_run asks; "
+                         f"rerun the same command to resume")
+                finish(progress, metrics)
+                return None
+            if cfg.checkpoint.every_iters and it % cfg.checkpoint.every_iters == 0 and rank == 0:
+                save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+        done_epochs = epoch + 1
+        if cfg.knn.every_epochs and (done_epochs % cfg.knn.every_epochs == 0 or done_epochs == cfg.epochs):
+            last_knn = run_knn(cfg, model, device, rank, world, log, metrics, done_epochs, it)
+        if rank == 0:
+            save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+            if cfg.checkpoint.save_every_epochs and done_epochs % cfg.checkpoint.save_every_epochs == 0:
+                save_checkpoint(out / f"checkpoint_{done_epochs:04d}.pth", cfg, model, optimizer,
+                                scaler, it, ipe)
+    finish(progress, metrics)
+    if rank == 0:
+        utils.atomic_write_json(out / "done.json", {
+            "method": cfg.method, "arch": cfg.model.arch, "epochs": cfg.epochs, "iters": it,
+            "knn_top1": last_knn, "checkpoint": "checkpoint.pth"})
+        log.info(f"done: {it} iterations, kNN top-1 {last_knn}")
+    return out
+
+
+def to_device(x, device, cfg):
+    if isinstance(x, (list, tuple)):
+        return [to_device(t, device, cfg) for t in x]
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def run_knn(cfg, model, device, rank, world, log, metrics, epoch, it):
+    try:
+        import pretrain.knn  # noqa: F401  (lands with the probes; skip the monitor until then)
+    except ImportError:
+        log.warning("pretrain.knn not available: kNN monitor skipped")
+        return None
+    if not (Path(cfg.data.root) / "val").is_dir():
+        return None
+    top1 = knn_eval(cfg, model, device, rank, world)
+    if top1 is not None:
+        metrics.log({"type": "knn", "epoch": epoch, "iter": it, "knn_top1": top1})
+        log.info(f"epoch {epoch}: kNN top-1 {top1:.2f}")
+    return top1
+
+
+def log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped_total):
+    """Average the step statistics since the last call (one host sync) and write them."""
+    n = sums.pop("_n")
+    vals = {k: (v / n).item() for k, v in sums.items()}
+    rate = timer.rate()
+    rec = {"type": "train", "epoch": epoch, "iter": it, "lr": lr, "mu": mu, "img_per_s": rate,
+           "skipped_images": skipped_total}
+    rec.update({k: vals[k] for k in STAT_KEYS if k in vals})
+    metrics.log(rec)
+    if QUALITY_KEYS[0] in vals:
+        metrics.log({"type": "label_quality", "epoch": epoch, "iter": it,
+                     **{k: vals[k] for k in QUALITY_KEYS}})
+    if progress is not None:
+        progress.update(it - progress.n)
+        progress.set_postfix(loss=f"{vals['loss']:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
+    log.info(f"epoch {epoch} it {it}: loss {vals['loss']:.4f} lr {lr:.5f} {rate:.1f} img/s")
+
+
+def finish(progress, metrics):
+    if progress is not None:
+        progress.close()
+    metrics.close()
