@@ -130,7 +130,7 @@ def test_markdown_cells_reported_rows_and_incomplete_runs(root):
 
 def test_reported_modes_and_latex(root):
     everything = _table(root, "md", "all")
-    assert "imagenet (reported only)" in everything and "76.4" in everything
+    assert "### imagenet: reported only (pretrain)" in everything and "76.4" in everything
     none = _table(root, "md", "none")
     assert "reported" not in none.replace("Rows marked 'reported'", "")
     tex = _table(root, "latex")

@@ -52,8 +52,8 @@ def plot_pretrain_curves(runs):
         color = colors[backbone]
         for ax, (title, rtype, key) in zip(axes, CURVES):
             xs, ys = mean_curve(group, rtype, key)
-            if xs:
-                ax.plot(xs, ys, color=color, label=backbone)
+            if xs:  # markers while points are few (kNN runs every few epochs: maybe one point)
+                ax.plot(xs, ys, color=color, label=backbone, marker="o" if len(xs) < 30 else None)
             if rtype == "label_quality":
                 xs, ys = mean_curve(group, rtype, ONEHOT_KEY)
                 if xs:

@@ -299,7 +299,7 @@ def build_sections(runs, reported, mode="match"):
             columns = columns_for(kind, keyword)
             rows = [(m, f"reported: {s}", {c: (v, None, None) for c, v in cols.items()})
                     for m, s, cols in entries]
-            sections.append((kind, f"{keyword} (reported only)", columns, rows))
+            sections.append((kind, f"{keyword}: reported only", columns, rows))
     return sections
 
 
@@ -406,10 +406,10 @@ def main(argv=None):
         complete = sum(not r.problem for r in runs)
         print(f"wrote {args.out} ({complete} complete runs, {len(incomplete)} incomplete)",
               file=sys.stderr)
+        for path, reason in incomplete:  # also in the file; said here so a pipeline log shows it
+            print(f"incomplete: {path} — {reason}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    for path, reason in incomplete:
-        print(f"incomplete: {path} — {reason}", file=sys.stderr)
     return 0
 
 
