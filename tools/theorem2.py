@@ -118,20 +118,23 @@ def train(x, x_tilde, y, alphas, width, steps, lr, ramp, generator):
     W = init_weights(width, x.shape[1], generator).expand(len(alphas), -1, -1).clone()
     W.requires_grad_(True)
     opt = torch.optim.SGD([W], lr=lr)
+    both = torch.cat([x, x_tilde])  # one forward serves the prediction f(W, x) and the target's f(W, x̃)
+    n = len(x)
 
-    def refine(t):
-        with torch.no_grad():  # the refined label is a target, not a path for gradients
-            a_t = torch.tensor([alpha_schedule(float(a), t, steps, ramp) for a in alphas], dtype=DTYPE)
-            return refined_labels(y, network(W, x_tilde, v), a_t[:, None])
+    def alpha_at(t):
+        return torch.tensor([alpha_schedule(float(a), t, steps, ramp) for a in alphas], dtype=DTYPE)[:, None]
 
     for t in range(steps):
-        y_bar = refine(t)
+        f = network(W, both, v)
+        # the refined label is a target, not a path for gradients: f(W, x̃) is detached
+        y_bar = refined_labels(y, f[:, n:].detach(), alpha_at(t))
         # sum over models keeps their gradients independent; mean over samples as in the theorem
-        loss = 0.5 * (network(W, x, v) - y_bar).pow(2).mean(1).sum()
+        loss = 0.5 * (f[:, :n] - y_bar).pow(2).mean(1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return W.detach(), refine(steps)
+    with torch.no_grad():
+        return W.detach(), refined_labels(y, network(W, x_tilde, v), alpha_at(steps))
 
 
 def nearest_class(values, table):
