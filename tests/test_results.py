@@ -109,6 +109,13 @@ def test_csv_exact_mean_and_sample_std(root):
     assert not any(k[1] == "mocov2" and k[0].startswith("pretrain") for k in cell)  # unfinished
 
 
+def test_overlapping_roots_count_each_run_once(root):
+    sections, incomplete, runs = results_table.collect([str(root), str(root / "transfer" / "sane")])
+    assert len(runs) == 9 and len(incomplete) == 6
+    voc = next(rows for _, task, _, rows in sections if task == VOC)
+    assert voc[1][:2] == ("sane", "measured") and voc[1][2]["AP50"] == (82.0, 2.0, 3)
+
+
 def test_markdown_cells_reported_rows_and_incomplete_runs(root):
     md = _table(root, "md")
     assert _md_row(md, VOC, "sane") == "| sane | 82.0 ± 2.0 (n=3) | 52.0 ± 2.6 (n=3) | 57.0 ± 2.6 (n=3) | measured |"

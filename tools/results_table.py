@@ -199,11 +199,14 @@ def find_runs(paths):
     Returns (runs, problems): runs include incomplete ones (run.problem set); problems are
     (path, reason) pairs for unreadable files, empty seed directories and orphan probes.
     """
-    runs, problems, linear_dirs = [], [], []
+    runs, problems, linear_dirs, seen = [], [], [], set()
     for root in paths:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             d, files = Path(dirpath), set(filenames)
+            if d.resolve() in seen:  # overlapping arguments (ROOT and ROOT/transfer): count once
+                continue
+            seen.add(d.resolve())
             try:
                 if "linear_metrics.json" in files:
                     linear_dirs.append(d)
