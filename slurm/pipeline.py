@@ -1,0 +1,129 @@
+"""The suite as a list of stages (pretrain -> convert -> transfer over seeds -> results table),
+each a command line with the file that marks it complete; run in order or as Slurm jobs."""
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or finished without writing its done file: the message names both."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of the suite, complete once `done_file` exists (docs/formats.md)."""
+    name: str                 # "pretrain/<b>", "convert/<b>", "transfer/<b>/<task>/seed<k>", "results"
+    argv: tuple               # the command up to its trailing overrides (run from the repo root)
+    done_file: str
+    kind: str = "cpu"         # "pretrain": one process per GPU; "transfer": one per node; "cpu"
+    opts: tuple = ()          # trailing overrides; launcher flags must go before them
+    resume_args: tuple = ()   # flags that resume a partial run (Detectron2's --resume)
+    after: tuple = ()         # names of the stages whose outputs this one reads
+
+    def done(self):
+        return Path(self.done_file).is_file()
+
+    def started(self):
+        """A previous attempt left the output folder: resume instead of starting over."""
+        return Path(self.done_file).parent.is_dir()
+
+    def command(self, extra=(), resume=False):
+        resume = self.resume_args if (resume or self.started()) else ()
+        return [*self.argv, *extra, *resume, *self.opts]
+
+
+def pretrain_stage(config, output_dir, data_root=None, epochs=None, opts=(), name=None,
+                   python=sys.executable):
+    """`python -m pretrain`: resumes by itself from output_dir/checkpoint.pth."""
+    overrides = [f"output_dir={output_dir}"]
+    overrides += [f"data.root={data_root}"] if data_root else []
+    overrides += [f"epochs={epochs}"] if epochs else []
+    return Stage(f"pretrain/{name or Path(config).stem}", (python, "-m", "pretrain", "--config", str(config)),
+                 str(Path(output_dir) / "done.json"), kind="pretrain", opts=(*overrides, *opts))
+
+
+def convert_stage(name, pretrain_dir, weights, python=sys.executable):
+    ckpt = str(Path(pretrain_dir) / "checkpoint.pth")
+    return Stage(f"convert/{name}", (python, "tools/convert_checkpoint.py", ckpt, str(weights)),
+                 str(weights), after=(f"pretrain/{name}",))
+
+
+def transfer_stage(config, weights, backbone, output_dir, seed, num_gpus=1, opts=(), after=(),
+                   python=sys.executable):
+    """`transfer/train_net.py` for one seed; Detectron2's --resume continues a partial run."""
+    task = Path(config).stem
+    return Stage(f"transfer/{backbone}/{task}/seed{seed}",
+                 (python, "transfer/train_net.py", "--config-file", str(config), "--num-gpus", str(num_gpus)),
+                 str(Path(output_dir) / "final_metrics.json"), kind="transfer",
+                 opts=("OUTPUT_DIR", str(output_dir), "MODEL.WEIGHTS", str(weights), "SEED", str(seed),
+                       "TRANSFER.BACKBONE_NAME", backbone, *opts),
+                 resume_args=("--resume",), after=tuple(after))
+
+
+def results_stage(root, after=(), python=sys.executable):
+    root = Path(root)
+    return Stage("results", (python, "tools/results_table.py", str(root / "pretrain"), str(root / "transfer"),
+                             "--out", str(root / "results.md")), str(root / "results.md"), after=tuple(after))
+
+
+def build_stages(pretrain_configs, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
+                 first_seed=0, epochs=None, pretrain_opts=(), transfer_opts=(), num_gpus=1,
+                 python=sys.executable):
+    """Every stage of the suite under `out`, in an order that runs each after its inputs:
+    out/pretrain/<b>/, out/weights/<b>.pkl, out/transfer/<b>/<task>/seed<k>/, out/results.md,
+    with backbone name <b> = the pretraining config's file name without .yaml."""
+    out = Path(out).resolve()
+    names = [Path(c).stem for c in pretrain_configs]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"pretraining configs {list(pretrain_configs)} share a file name; the "
+                            "backbone is named after it, so give each config its own name")
+    abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
+    runs = [(c, seeds) for c in voc_configs] + [(c, coco_seeds) for c in coco_configs]
+    stages, transfers = [], []
+    for config, name in zip(pretrain_configs, names):
+        pre_dir, weights = out / "pretrain" / name, out / "weights" / f"{name}.pkl"
+        stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, pretrain_opts,
+                                     name, python))
+        stages.append(convert_stage(name, pre_dir, weights, python))
+        for det_config, n_seeds in runs:
+            for seed in range(first_seed, first_seed + n_seeds):
+                run_dir = out / "transfer" / name / Path(det_config).stem / f"seed{seed}"
+                transfers.append(transfer_stage(abspath(det_config), weights, name, run_dir, seed, num_gpus,
+                                                transfer_opts, (f"convert/{name}",), python))
+    stages += transfers
+    stages.append(results_stage(out, [s.name for s in transfers], python))
+    return stages
+
+
+def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True):
+    """Run one stage's command from the repo root; fail unless it wrote its done file (checked by
+    the process that writes it: other ranks may finish first)."""
+    argv = stage.command(extra, resume)
+    log(f"[{stage.name}] {shlex.join(argv)}")
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
+    # run() kills the child if we leave early (SystemExit from Submitit's requeue handler)
+    code = subprocess.run(argv, cwd=REPO, env=environ).returncode
+    if code != 0:
+        raise PipelineError(f"[{stage.name}] exited with code {code}; its output is above, and "
+                            f"rerunning resumes it: {shlex.join(argv)}")
+    if check_done and not stage.done():
+        raise PipelineError(f"[{stage.name}] exited without writing {stage.done_file}")
+
+
+def run_sequential(stages, log=print, env=None, extra=None, resume=False, check_done=True):
+    """Run the stages in order, skipping those whose done_file exists. `extra(stage)` gives the
+    launcher flags of a stage (distributed set-up), `env` extra environment variables."""
+    ran = []
+    for stage in stages:
+        if stage.done():
+            log(f"[{stage.name}] complete: {stage.done_file}")
+            continue
+        run_stage(stage, extra(stage) if extra else (), resume, env, log, check_done)
+        ran.append(stage.name)
+    return ran

@@ -1,0 +1,52 @@
+"""The callable a Submitit job runs (dino/mae's run_with_submitit pattern): stages in order, with the
+distributed set-up from submitit.JobEnvironment(); on timeout or preemption it requeues and resumes."""
+import zlib
+
+import submitit
+
+from slurm.pipeline import run_sequential
+
+
+def rendezvous_port(job_id):
+    """A port every node of a job derives alike; distinct jobs (array tasks too) rarely collide."""
+    return 20000 + zlib.crc32(str(job_id).encode()) % 20000
+
+
+def pretrain_env(job):
+    """torch.distributed's env:// variables for `python -m pretrain`: one process per GPU."""
+    return {"RANK": str(job.global_rank), "WORLD_SIZE": str(job.num_tasks), "LOCAL_RANK": str(job.local_rank),
+            "MASTER_ADDR": job.hostnames[0], "MASTER_PORT": str(rendezvous_port(job.job_id))}
+
+
+def transfer_flags(job):
+    """Detectron2's launch() spawns the per-GPU processes of a node itself (one task per node)."""
+    if job.num_nodes == 1:
+        return []  # dist_url "auto": launch() picks a free local port
+    return ["--num-machines", str(job.num_nodes), "--machine-rank", str(job.node),
+            "--dist-url", f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id)}"]
+
+
+class StageJob:
+    """Runs `stages` (slurm.pipeline.Stage) in order in each task of a Submitit job, skipping the
+    complete ones. Submitit calls checkpoint() on timeout/preemption and requeues what it returns."""
+
+    def __init__(self, stages, env=None, resume=False):
+        self.stages = list(stages)
+        self.env = dict(env or {})
+        self.resume = resume
+
+    def __call__(self):
+        job = submitit.JobEnvironment()
+        log = (lambda msg: print(msg, flush=True)) if job.global_rank == 0 else (lambda msg: None)
+        log(f"{job}: {len(self.stages)} stage(s), resume={self.resume}")
+        ran = []
+        for stage in self.stages:
+            env = {**self.env, **(pretrain_env(job) if stage.kind == "pretrain" else {})}
+            flags = transfer_flags(job) if stage.kind == "transfer" else []
+            ran += run_sequential([stage], log, env, lambda s: flags, self.resume,
+                                  check_done=job.global_rank == 0)
+        return ran
+
+    def checkpoint(self, *args, **kwargs):
+        # pretrain resumes from its output_dir by itself; transfer stages get Detectron2's --resume
+        return submitit.helpers.DelayedSubmission(type(self)(self.stages, self.env, resume=True))
