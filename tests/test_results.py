@@ -80,6 +80,9 @@ def root(tmp_path_factory):
     _write(crashed / "log.txt", "iter 19\nTraceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\n")
     (root / "transfer" / "sane" / COCO / "seed2").mkdir()    # created, never written: missing
     _write(root / "transfer" / "sane" / VOC / "seed3" / "final_metrics.json", '{"task": ')  # truncated
+    resumed = root / "transfer" / "mocov2" / COCO / "seed0"   # crashed once, resumed, running
+    _write(resumed / "config.yaml", {"SEED": 0})
+    _write(resumed / "log.txt", "Traceback (most recent call last):\nKeyError: 1\n[11/27 02:37:26 d2]: iter 5\n")
     return root
 
 
@@ -111,7 +114,7 @@ def test_csv_exact_mean_and_sample_std(root):
 
 def test_overlapping_roots_count_each_run_once(root):
     sections, incomplete, runs = results_table.collect([str(root), str(root / "transfer" / "sane")])
-    assert len(runs) == 9 and len(incomplete) == 6
+    assert len(runs) == 10 and len(incomplete) == 8
     voc = next(rows for _, task, _, rows in sections if task == VOC)
     assert voc[1][:2] == ("sane", "measured") and voc[1][2]["AP50"] == (82.0, 2.0, 3)
 
@@ -132,7 +135,9 @@ def test_markdown_cells_reported_rows_and_incomplete_runs(root):
     assert "CUDA out of memory" in incomplete and f"{Path(COCO) / 'seed1'} — failed" in incomplete
     assert f"{Path(COCO) / 'seed2'} — missing: seed directory holds no run files" in incomplete
     assert f"{Path(VOC) / 'seed3'} — failed: unreadable run files" in incomplete
-    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 6
+    assert f"{Path('mocov2') / COCO / 'seed0'} — unfinished: no final_metrics.json (last iter ?" in incomplete
+    assert f"{Path('mocov2') / COCO / 'seed1'} — missing: seed 1" in incomplete
+    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 8
 
 
 def test_reported_modes_and_latex(root):

@@ -9,6 +9,7 @@ import os
 import re
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ REPORTED_FILE = Path(__file__).resolve().with_name("reported_results.csv")
 SEED_DIR = re.compile(r"seed[_-]?(\d+)$")
 # published numbers are for real VOC/COCO/ImageNet/CIFAR: not shown beside the synthetic corpus
 SYNTHETIC = re.compile(r"shapes|synthetic|demo", re.I)
+LOG_LINE = re.compile(r"\[\d\d/\d\d \d\d:\d\d:\d\d")  # timestamped lines of both loggers
 STD_NOTE = ("Mean ± sample std (ddof=1) over seeds, n = number of seeds; n=1 shows the value "
             "alone. Rows marked 'reported' are published numbers, not runs of this suite.")
 
@@ -74,8 +76,19 @@ def traceback_in_log(path, tail_bytes=8192):
         return None
     if "Traceback (most recent call last)" not in tail:
         return None
-    lines = [ln for ln in tail.splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "traceback"
+    after = [ln for ln in tail.rsplit("Traceback (most recent call last)", 1)[1].splitlines()[1:]
+             if ln.strip()]
+    if any(LOG_LINE.match(ln) for ln in after):  # logging went on after it (e.g. resumed)
+        return None
+    return after[-1].strip() if after else "traceback"
+
+
+def age(path):
+    """'3.2 h ago' since `path` was last written: tells a dead run from a running one."""
+    try:
+        return f"{(time.time() - os.path.getmtime(path)) / 3600:.1f} h ago"
+    except OSError:
+        return "never"
 
 
 def _layout_names(d):
@@ -114,7 +127,7 @@ def read_pretrain_run(d):
         last = run.records[-1] if run.records else {}
         run.problem = (f"failed: log.txt ends in a traceback ({crash})" if crash else
                        f"unfinished: no done.json (last logged epoch {last.get('epoch', '?')}, "
-                       f"iter {last.get('iter', '?')})")
+                       f"iter {last.get('iter', '?')}, written {age(d / 'metrics.jsonl')})")
         return run
     done = read_json(d / "done.json")
     top1 = done.get("knn_top1")
@@ -161,11 +174,11 @@ def read_detection_run(d):
     if crash:
         run.problem = f"failed: log.txt ends in a traceback ({crash})"
     else:
-        it = "?"
+        it, newest = "?", d / "log.txt"
         if (d / "metrics.json").exists():  # Detectron2's JSONWriter: one record per line
             its = [r["iteration"] for r in read_jsonl(d / "metrics.json") if "iteration" in r]
-            it = its[-1] if its else "?"
-        run.problem = f"unfinished: no final_metrics.json (last iter {it})"
+            it, newest = (its[-1] if its else "?"), d / "metrics.json"
+        run.problem = f"unfinished: no final_metrics.json (last iter {it}, written {age(newest)})"
     return run
 
 
