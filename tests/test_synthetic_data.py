@@ -181,3 +181,19 @@ def test_cli_exit_code(tmp_path):
                          "--size", "32"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "y" / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text() == "000003\n"
+
+
+def test_detectron2_reads_coco_masks(corpus, coco):
+    from detectron2.data import detection_utils
+    from detectron2.data.datasets import load_coco_json
+
+    dicts = load_coco_json(str(corpus / "coco/annotations/instances_val.json"),
+                           str(corpus / "coco/val"), "synthetic_shapes_test_val")
+    assert len(dicts) == NUM_TEST and Path(dicts[0]["file_name"]).is_file()
+    # RLE masks: Detectron2 needs INPUT.MASK_FORMAT "bitmask" for them
+    inst = detection_utils.annotations_to_instances(dicts[0]["annotations"], (SIZE, SIZE),
+                                                    mask_format="bitmask")
+    areas = [a["area"] for a in coco["val"].loadAnns(coco["val"].getAnnIds(
+        imgIds=dicts[0]["image_id"]))]
+    assert inst.gt_masks.tensor.sum((1, 2)).tolist() == areas
+    assert (inst.gt_masks.get_bounding_boxes().tensor == inst.gt_boxes.tensor).all()

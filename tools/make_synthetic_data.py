@@ -73,16 +73,20 @@ def _unit_area(name):
     return _rasterize(name, (100.0, 100.0), 90.0, 0.0, 1.0, 200).sum() / 90.0 ** 2
 
 
-def _rasterize(name, center, radius, angle, aspect, size):
-    """Boolean mask of one shape: unit polygons scaled by radius*(aspect, 1/aspect), rotated."""
+def _place(name, center, radius, angle, aspect):
+    """Image-space (fills, holes): unit polygons scaled by radius*(aspect, 1/aspect), rotated."""
     c, s = np.cos(angle), np.sin(angle)
     transform = np.array([[c, -s], [s, c]]) @ np.diag([radius * aspect, radius / aspect])
+    fills, holes = SHAPES[name]
+    return [p @ transform.T + center for p in fills], [p @ transform.T + center for p in holes]
+
+
+def _rasterize(name, center, radius, angle, aspect, size):
+    """Boolean mask of one placed shape (no anti-aliasing, so masks are exact pixel sets)."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
-    fills, holes = SHAPES[name]
-    for polys, value in ((fills, 1), (holes, 0)):
-        for p in polys:
-            xy = p @ transform.T + center
+    for polys, value in zip(_place(name, center, radius, angle, aspect), (1, 0)):
+        for xy in polys:
             draw.polygon([tuple(v) for v in xy.tolist()], fill=value)
     return np.asarray(canvas, dtype=bool)
 
@@ -141,14 +145,14 @@ def _sample_object(rng, cls, area_range, size):
     center = rng.uniform(margin, size - margin, 2)
     angle = rng.uniform(0, 2 * np.pi)
     mask = _rasterize(CLASSES[cls], center, radius, angle, aspect, size)
-    truncated = bool(np.any(center - radius * max(aspect, 1 / aspect) < 0)
-                     or np.any(center + radius * max(aspect, 1 / aspect) > size))
+    fills = np.concatenate(_place(CLASSES[cls], center, radius, angle, aspect)[0])
+    truncated = bool((fills < 0).any() or (fills > size).any())  # VOC: extends past the frame
     return {"category": cls, "mask": mask, "full": int(mask.sum()), "truncated": truncated}
 
 
-def _compose(rng, target, size, min_pixels):
+def _compose(rng, target, size, min_pixels, max_objects=MAX_OBJECTS):
     """Stack 1-6 objects back to front; refuse any that would hide too much of those below."""
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    n = int(rng.integers(1, max_objects + 1))
     slot = int(rng.integers(n))  # depth of the labelled object
     labels = np.zeros((size, size), np.int16)  # label map: index+1 of the visible object
     objects = []
@@ -195,8 +199,10 @@ def make_image(rng, target, size):
     back to front; masks are what remains visible after occlusion.
     """
     min_pixels = max(10, int(0.0025 * size * size))
-    for _ in range(20):
-        labels, objects = _compose(rng, target, size, min_pixels)
+    for attempt in range(20):
+        # the last attempt is the target alone, which always satisfies the contract
+        labels, objects = _compose(rng, target, size, min_pixels,
+                                   1 if attempt == 19 else MAX_OBJECTS)
         areas = np.bincount(labels.ravel(), minlength=len(objects) + 1)[1:]
         keep = [j for j in range(len(objects)) if areas[j] >= min_pixels]
         if keep and objects[max(keep, key=lambda j: areas[j])]["category"] == target:
@@ -243,6 +249,8 @@ def _voc_xml(image_id, size, instances):
 
 
 def _coco_annotations(image_id, first_ann_id, instances):
+    """COCO records with RLE masks: visible masks can have holes (ring, an object on top) that
+    polygons cannot express; Detectron2 reads them with INPUT.MASK_FORMAT "bitmask"."""
     from pycocotools import mask as mask_util
 
     anns = []
