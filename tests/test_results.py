@@ -63,6 +63,10 @@ def root(tmp_path_factory):
     _pretrain(root / "pretrain" / "mocov2", 0, done=False, slr=False)   # unfinished
     _write(root / "linear" / "sane" / "linear_metrics.json",
            {"preset": "cifar", "top1": 70.5, "checkpoint": str(root / "pretrain" / "sane" / "checkpoint.pth")})
+    _write(root / "pretrain" / "sane" / "voc07" / "linear_metrics.json",   # found by nesting
+           {"preset": "voc07", "mAP": 66.5, "checkpoint": "elsewhere/checkpoint.pth"})
+    _write(root / "linear" / "orphan" / "linear_metrics.json",
+           {"preset": "cifar", "top1": 1.0, "checkpoint": "/nowhere/checkpoint.pth"})
     for seed, (ap50, ap, ap75) in enumerate([(80.0, 50.0, 55.0), (82.0, 51.0, 56.0), (84.0, 55.0, 60.0)]):
         _detection(root / "transfer" / "sane" / VOC / f"seed{seed}", "sane", VOC, seed,
                    {"AP": ap, "AP50": ap50, "AP75": ap75})
@@ -109,12 +113,13 @@ def test_csv_exact_mean_and_sample_std(root):
     assert (COCO, "sane", "AP50") not in cell          # COCO shows AP (bbox) / AP (segm) only
     assert float(cell[("pretrain:cifar10", "sane", "kNN top-1")]["mean"]) == 61.0
     assert float(cell[("pretrain:cifar10", "sane", "linear top-1")]["mean"]) == 70.5
+    assert float(cell[("pretrain:cifar10", "sane", "VOC07 cls mAP")]["mean"]) == 66.5
     assert not any(k[1] == "mocov2" and k[0].startswith("pretrain") for k in cell)  # unfinished
 
 
 def test_overlapping_roots_count_each_run_once(root):
     sections, incomplete, runs = results_table.collect([str(root), str(root / "transfer" / "sane")])
-    assert len(runs) == 10 and len(incomplete) == 8
+    assert len(runs) == 10 and len(incomplete) == 9
     voc = next(rows for _, task, _, rows in sections if task == VOC)
     assert voc[1][:2] == ("sane", "measured") and voc[1][2]["AP50"] == (82.0, 2.0, 3)
 
@@ -123,6 +128,7 @@ def test_markdown_cells_reported_rows_and_incomplete_runs(root):
     md = _table(root, "md")
     assert _md_row(md, VOC, "sane") == "| sane | 82.0 ± 2.0 (n=3) | 52.0 ± 2.6 (n=3) | 57.0 ± 2.6 (n=3) | measured |"
     assert "±" not in _md_row(md, COCO, "sane") and "40.0 (n=1)" in _md_row(md, COCO, "sane")
+    assert _md_row(md, COCO, "mocov2") == "| mocov2 | — | — | measured |"   # no complete run yet
     moco = _md_row(md, VOC, "MoCo v2 200ep")
     assert "| 82.4 | 57.0 | 63.6 |" in moco and "reported" in moco
     assert "reported" in _md_row(md, COCO, "SANE-Multi (strong)") and "42.4" in _md_row(md, COCO, "SANE-Multi (strong)")
@@ -135,9 +141,10 @@ def test_markdown_cells_reported_rows_and_incomplete_runs(root):
     assert "CUDA out of memory" in incomplete and f"{Path(COCO) / 'seed1'} — failed" in incomplete
     assert f"{Path(COCO) / 'seed2'} — missing: seed directory holds no run files" in incomplete
     assert f"{Path(VOC) / 'seed3'} — failed: unreadable run files" in incomplete
+    assert f"{Path('linear') / 'orphan'} — orphan linear probe" in incomplete
     assert f"{Path('mocov2') / COCO / 'seed0'} — unfinished: no final_metrics.json (last iter ?" in incomplete
     assert f"{Path('mocov2') / COCO / 'seed1'} — missing: seed 1" in incomplete
-    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 8
+    assert len([ln for ln in incomplete.splitlines() if ln.startswith("- ")]) == 9
 
 
 def test_reported_modes_and_latex(root):
@@ -196,7 +203,7 @@ def test_figures_content_and_pngs(root, tmp_path):
     assert list(knn.lines[1].get_ydata()) == [40.0, 61.0]   # sane is the 2nd backbone (sorted)
     bars = plot_results.plot_detection_ap(runs)
     coco_ax, voc_ax = bars.axes
-    assert len(voc_ax.patches) == 2 * 3 and len(coco_ax.patches) == 1 * 2
+    assert len(voc_ax.patches) == 2 * 3 and len(coco_ax.patches) == 2 * 2   # mocov2: NaN bars
     sane_bars = [c for c in voc_ax.containers if isinstance(c, BarContainer)][1]
     assert [p.get_height() for p in sane_bars.patches] == [82.0, 52.0, 57.0]
     segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std

@@ -194,7 +194,7 @@ def attach_linear(lin_dir, pretrain_runs, problems):
     if run is None:
         run = next((owners[p] for p in lin_dir.resolve().parents if p in owners), None)
     if run is None:
-        problems.append((str(lin_dir), f"orphan linear probe: checkpoint {ckpt} is no pretraining run found"))
+        problems.append((str(lin_dir), f"orphan linear probe: checkpoint {ckpt} is in no pretraining run found"))
         return
     if lm.get("preset") == "voc07" or "mAP" in lm:
         column, value = "VOC07 cls mAP", lm.get("mAP")
@@ -269,12 +269,13 @@ def summarize(values):
 
 
 def aggregate(runs):
-    """{(kind, task): {backbone: {column: (mean, std, n)}}} over complete runs only."""
+    """{(kind, task): {backbone: {column: (mean, std, n)}}} over complete runs only; a backbone
+    whose runs are all incomplete keeps an empty row, so the table shows the gap."""
     table = {}
     for r in runs:
+        cells = table.setdefault((r.kind, r.task), {}).setdefault(r.backbone, {})
         if r.problem:
             continue
-        cells = table.setdefault((r.kind, r.task), {}).setdefault(r.backbone, {})
         for column in columns_for(r.kind, r.task):
             if _finite(r.metrics.get(column)):
                 cells.setdefault(column, []).append(float(r.metrics[column]))
