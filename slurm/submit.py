@@ -1,0 +1,254 @@
+"""Launch the suite's stages with Submitit: `python slurm/submit.py {pretrain,transfer,pipeline}
+[options] [-- stage args]`; Slurm jobs requeue and resume on timeout, --dry-run submits nothing."""
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import submitit  # noqa: E402
+from submitit.slurm import slurm as submitit_slurm  # noqa: E402
+
+from slurm import pipeline  # noqa: E402
+from slurm.tasks import StageJob  # noqa: E402
+
+CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
+
+
+class UsageError(ValueError):
+    """Bad command line or missing input: the message names it and the fix (exit code 2)."""
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("cluster (Submitit's AutoExecutor)")
+    g.add_argument("--cluster", choices=("slurm", "local", "debug"),
+                   help="default: slurm where `srun` exists, else local")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--comment")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per pretraining / fine-tuning job")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--cpus-per-task", type=int, default=10, help="per GPU process (data loading)")
+    g.add_argument("--mem-gb", type=float)
+    g.add_argument("--timeout-min", type=int, default=72 * 60, help="per job, before a requeue")
+    g.add_argument("--max-requeues", type=int, default=20, help="timeouts a job may requeue after")
+    g.add_argument("--signal-delay-s", type=int, default=120,
+                   help="Slurm sends USR2 this long before the time limit (requeue window)")
+    g.add_argument("--job-dir", help="Submitit logs and pickles; %%j is the job id "
+                                     "(default: OUTPUT/submitit/%%j)")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and the "
+                                                          "commands; submit nothing")
+    g.add_argument("--wait", action="store_true", help="wait for the jobs and report their outcome")
+
+    parser = argparse.ArgumentParser(prog="python slurm/submit.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", parents=[common], help="one pretraining (one task per GPU)",
+                       epilog="stage args: pretrain overrides, e.g. -- data.batch_size=512")
+    p.add_argument("--config", required=True, help="configs/pretrain/NAME.yaml")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--data-root", help="ImageFolder root (default: the config's data.root)")
+    p.add_argument("--epochs", type=int)
+
+    t = sub.add_parser("transfer", parents=[common], help="detection fine-tunes, --seeds per config",
+                       epilog="stage args: Detectron2 overrides, e.g. -- SOLVER.MAX_ITER 100")
+    t.add_argument("--config-file", nargs="+", required=True, help="configs/detection/*.yaml")
+    t.add_argument("--weights", required=True, help="converted backbone (.pkl)")
+    t.add_argument("--output-root", required=True, help="runs go to ROOT/<backbone>/<task>/seed<k>/")
+    t.add_argument("--backbone", help="name in the results (default: the weights' file name)")
+    t.add_argument("--seeds", type=int, default=5)
+    t.add_argument("--first-seed", type=int, default=0)
+
+    q = sub.add_parser("pipeline", parents=[common], help="pretrain -> convert -> transfer -> table")
+    q.add_argument("--pretrain-config", nargs="+", required=True, help="one backbone each")
+    q.add_argument("--data-root", required=True)
+    q.add_argument("--epochs", type=int)
+    q.add_argument("--voc-config", nargs="*", default=["configs/detection/voc_R_50_C4_24k.yaml"])
+    q.add_argument("--coco-config", nargs="*", default=["configs/detection/coco_R_50_C4_1x.yaml"])
+    q.add_argument("--seeds", type=int, default=5, help="fine-tunes per VOC config")
+    q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
+    q.add_argument("--first-seed", type=int, default=0)
+    q.add_argument("--transfer-nodes", type=int, default=1)
+    q.add_argument("--pretrain-opts", default="", help='pretrain overrides, e.g. "data.batch_size=512"')
+    q.add_argument("--transfer-opts", default="", help='Detectron2 overrides, e.g. "SOLVER.MAX_ITER 100"')
+    q.add_argument("--out", required=True, help="the pipeline's root folder")
+    args = parser.parse_args(argv)
+    args.stage_args = stage_args
+    if args.command == "pipeline" and stage_args:
+        parser.error("pipeline takes stage args through --pretrain-opts / --transfer-opts, not after --")
+    return args
+
+
+def check_inputs(args):
+    """Inputs that a job would only discover after waiting in the queue."""
+    files = {"pretrain": [args.config] if args.command == "pretrain" else [],
+             "transfer": [*args.config_file, args.weights] if args.command == "transfer" else [],
+             "pipeline": [*args.pretrain_config, *args.voc_config, *args.coco_config]
+             if args.command == "pipeline" else []}[args.command]
+    for f in files:
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: no such file (paths are relative to {Path.cwd()})")
+    root = getattr(args, "data_root", None)
+    if root and not (Path(root) / "train").is_dir():
+        raise UsageError(f"--data-root {root}: no {root}/train/ folder (an ImageFolder root is needed)")
+    if args.cluster in ("local", "debug") and max(args.nodes, getattr(args, "transfer_nodes", 1)) > 1:
+        raise UsageError(f"--nodes > 1 needs --cluster slurm ({args.cluster} runs on this machine)")
+
+
+def stages_for(args):
+    py = sys.executable
+    gpus = max(1, args.gpus_per_node)
+    if args.command == "pretrain":
+        return [pipeline.pretrain_stage(Path(args.config).resolve(), Path(args.output_dir).resolve(),
+                                        args.data_root and Path(args.data_root).resolve(), args.epochs,
+                                        args.stage_args, python=py)]
+    if args.command == "transfer":
+        weights = Path(args.weights).resolve()
+        backbone = args.backbone or weights.stem
+        return [pipeline.transfer_stage(Path(c).resolve(), weights, backbone,
+                                        Path(args.output_root).resolve() / backbone / Path(c).stem / f"seed{s}",
+                                        s, gpus, args.stage_args, python=py)
+                for c in args.config_file for s in range(args.first_seed, args.first_seed + args.seeds)]
+    return pipeline.build_stages(args.pretrain_config, args.data_root, args.out, args.voc_config,
+                                 args.coco_config, args.seeds, args.coco_seeds, args.first_seed, args.epochs,
+                                 shlex.split(args.pretrain_opts), shlex.split(args.transfer_opts), gpus, py)
+
+
+def default_job_dir(args):
+    out = {"pretrain": "output_dir", "transfer": "output_root", "pipeline": "out"}[args.command]
+    return str(Path(getattr(args, out)).resolve() / "submitit" / "%j")
+
+
+def resources(args, kind):
+    """AutoExecutor parameters of one job running a stage of this kind."""
+    gpus = args.gpus_per_node or None  # a CPU-only job asks for no GPU line at all
+    if kind == "pretrain":  # one task per GPU, env:// rendezvous
+        shape = dict(nodes=args.nodes, gpus_per_node=gpus, tasks_per_node=gpus or 1,
+                     cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min)
+    elif kind == "transfer":  # one task per node: Detectron2's launch() spawns one process per GPU
+        shape = dict(nodes=getattr(args, "transfer_nodes", args.nodes), gpus_per_node=gpus, tasks_per_node=1,
+                     cpus_per_task=args.cpus_per_task * (gpus or 1), timeout_min=args.timeout_min)
+    else:
+        shape = dict(nodes=1, tasks_per_node=1, cpus_per_task=args.cpus_per_task, timeout_min=CPU_STAGE_MINUTES)
+    return dict(shape, mem_gb=args.mem_gb, slurm_partition=args.partition, slurm_account=args.account,
+                slurm_qos=args.qos, slurm_constraint=args.constraint, slurm_comment=args.comment,
+                slurm_signal_delay_s=args.signal_delay_s)
+
+
+def make_executor(args, cluster, name, params, dependency=None):
+    folder = args.job_dir or default_job_dir(args)
+    limits = dict(slurm_max_num_timeout=args.max_requeues, local_max_num_timeout=args.max_requeues)
+    if args.dry_run and cluster == "slurm":  # render where `srun` is missing: nothing is submitted
+        with mock.patch.object(submitit_slurm.SlurmExecutor, "affinity", return_value=2):
+            executor = submitit.AutoExecutor(folder, cluster=cluster, **limits)
+    else:
+        executor = submitit.AutoExecutor(folder, cluster=cluster, **limits)
+    if cluster != "slurm":  # one machine: no node count, no Slurm-only option
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}
+    executor.update_parameters(name=name, slurm_dependency=dependency if cluster == "slurm" else None,
+                               **params)
+    return executor
+
+
+def sbatch_script(executor, array_size=None):
+    """The script Submitit's SlurmExecutor would sbatch (its own renderer)."""
+    ex = executor._executor
+    params = dict(ex.parameters, map_count=array_size) if array_size and array_size > 1 else ex.parameters
+    return submitit_slurm._make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
+
+
+def slurm_plan(stages):
+    """Jobs to submit as (name, kind, stages, names they wait for): one per pretraining and
+    conversion, one job array per backbone's fine-tunes, one for the table; complete stages drop."""
+    todo = [s for s in stages if not s.done()]
+    pending = {s.name for s in todo}
+    jobs, arrays = [], {}
+    for s in todo:
+        after = tuple(a for a in s.after if a in pending)
+        if s.kind == "transfer":
+            key = ("transfer", s.after)
+            if key not in arrays:
+                arrays[key] = (f"transfer/{s.name.split('/')[1]}", "transfer", [], after)
+                jobs.append(arrays[key])
+            arrays[key][2].append(s)
+        else:
+            jobs.append((s.name, s.kind, [s], after))
+    return jobs
+
+
+def launch(args, stages, log=print):
+    """Submit `stages` (or print them with --dry-run); returns the Submitit jobs."""
+    cluster = args.cluster or ("slurm" if args.dry_run else submitit.AutoExecutor.which())
+    os.environ["PYTHONPATH"] = os.pathsep.join(  # jobs unpickle slurm.tasks: the repo must import
+        p for p in (str(pipeline.REPO), os.environ.get("PYTHONPATH")) if p)
+    todo = [s for s in stages if not s.done()]
+    for s in stages:
+        if s.done():
+            log(f"[{s.name}] complete: {s.done_file}")
+    if not todo:
+        log("nothing to do: every stage is complete")
+        return []
+    if cluster != "slurm":  # one job on this machine runs the incomplete stages in order
+        kind = "pretrain" if all(s.kind == "pretrain" for s in todo) else "transfer"
+        params = resources(args, kind)
+        if kind == "transfer" or len(todo) > 1:
+            params["tasks_per_node"] = 1  # stages run one after another in a single task
+        params["timeout_min"] = args.timeout_min
+        plan = [(args.command, kind, todo, ())]
+    else:
+        plan = slurm_plan(stages)
+        params = None
+    job_of, jobs = {}, []  # stage name -> the id (dry run: the name) of the job that runs it
+    for name, kind, group, after in plan:
+        waits = sorted({job_of[a] for a in after})
+        dep = "afterok:" + ":".join(waits) if waits else None
+        p = params or resources(args, kind)
+        if args.dry_run:  # a local executor would create its folder: only Slurm's is built
+            log(f"# ---- job {name}" + (f" (after {', '.join(waits)})" if waits else ""))
+            log(sbatch_script(make_executor(args, cluster, name.replace("/", "_"), p, dep), len(group))
+                if cluster == "slurm" else f"# one {cluster} job on this machine: " +
+                ", ".join(f"{k}={v}" for k, v in p.items() if v is not None and not k.startswith("slurm_")))
+            log("\n".join("# runs: " + shlex.join(s.command()) for s in group))
+            job_of.update((s.name, name) for s in group)
+            continue
+        executor = make_executor(args, cluster, name.replace("/", "_"), p, dep)
+        if cluster == "slurm" and len(group) > 1:
+            with executor.batch():
+                submitted = [executor.submit(StageJob([s])) for s in group]
+        else:
+            submitted = [executor.submit(StageJob(group))]
+        job_id = str(submitted[0].job_id).split("_")[0]  # an array's id covers all its tasks
+        job_of.update((s.name, job_id) for s in group)
+        log(f"submitted {name}: job {job_id}" + (f" ({len(group)} tasks)" if len(submitted) > 1 else "")
+            + (f", {dep}" if dep else "") + f"; logs in {submitted[0].paths.folder}")
+        jobs += submitted
+    return jobs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_inputs(args)
+        stages = stages_for(args)
+    except (UsageError, pipeline.PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jobs = launch(args, stages)
+    if args.wait or (jobs and args.cluster == "debug"):
+        for job in jobs:
+            job.result()  # raises with the job's traceback when a stage failed
+        print("all jobs finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
