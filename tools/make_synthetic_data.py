@@ -21,7 +21,7 @@ MAX_OBJECTS = 6
 # the distractors' so "class of the largest object" stays the class the round-robin chose.
 TARGET_AREA = (0.06, 0.14)
 OTHER_AREA = (0.008, 0.035)
-# An object on top may hide at most this much of an earlier one (partial, not total occlusion).
+# Fraction of an object that must stay visible under later ones (partial, not total occlusion).
 MIN_VISIBLE = {"target": 0.7, "other": 0.45}
 
 
@@ -105,7 +105,8 @@ def _background(rng, size):
     c0, c1 = _random_color(rng, (0.0, 0.7)), _random_color(rng, (0.0, 0.7))
     kind = rng.integers(4)
     if kind == 0:  # linear gradient in a random direction
-        t = np.cos(a := rng.uniform(0, 2 * np.pi)) * xx + np.sin(a) * yy
+        a = rng.uniform(0, 2 * np.pi)
+        t = np.cos(a) * xx + np.sin(a) * yy
         t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
     elif kind == 1:  # low-frequency noise: a small random grid upsampled bilinearly
         g = rng.integers(3, 9)
@@ -329,6 +330,10 @@ def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=Fa
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise CorpusError(f"writing the corpus to {out} failed ({e}): check free space and "
+                          f"permissions") from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -399,5 +404,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
