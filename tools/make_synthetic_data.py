@@ -252,7 +252,11 @@ def _voc_xml(image_id, size, instances):
 def _coco_annotations(image_id, first_ann_id, instances):
     """COCO records with RLE masks: visible masks can have holes (ring, an object on top) that
     polygons cannot express; Detectron2 reads them with INPUT.MASK_FORMAT "bitmask"."""
-    from pycocotools import mask as mask_util
+    try:
+        from pycocotools import mask as mask_util
+    except ImportError:
+        raise CorpusError("pycocotools is needed to write the COCO masks: "
+                          "pip install pycocotools") from None
 
     anns = []
     for k, inst in enumerate(instances):
