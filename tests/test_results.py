@@ -196,12 +196,12 @@ def _png_size(path):
 
 def test_figures_content_and_pngs(root, tmp_path):
     runs, _ = results_table.find_runs([str(root)])
-    curves = plot_results.plot_pretrain_curves(runs)
+    figures = plot_results.write_figures(runs, tmp_path / "plots")
+    curves, bars = figures["pretrain_curves.png"], figures["detection_ap.png"]
     loss, knn, quality = curves.axes
     assert len(loss.lines) == 2 and len(knn.lines) == 2     # sane + mocov2 (unfinished still drawn)
     assert len(quality.lines) == 2                          # sane SLR + its one-hot reference
     assert list(knn.lines[1].get_ydata()) == [40.0, 61.0]   # sane is the 2nd backbone (sorted)
-    bars = plot_results.plot_detection_ap(runs)
     coco_ax, voc_ax = bars.axes
     assert len(voc_ax.patches) == 2 * 3 and len(coco_ax.patches) == 2 * 2   # mocov2: NaN bars
     sane_bars = [c for c in voc_ax.containers if isinstance(c, BarContainer)][1]
@@ -209,6 +209,11 @@ def test_figures_content_and_pngs(root, tmp_path):
     segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std
     assert math.isclose(segs[0][1][1] - segs[0][0][1], 4.0)
     assert sane_bars.patches[0].get_facecolor()[:3] == matplotlib.colors.to_rgb(knn.lines[1].get_color())
-    assert plot_results.main([str(root), "--out", str(tmp_path)]) == 0
-    assert _png_size(tmp_path / "pretrain_curves.png") == (1500, 400)
-    assert _png_size(tmp_path / "detection_ap.png") == (1000, 400)
+    assert _png_size(tmp_path / "plots" / "pretrain_curves.png") == (1500, 400)
+    assert _png_size(tmp_path / "plots" / "detection_ap.png") == (1000, 400)
+    pretrain_only = str(root / "pretrain" / "sane")           # the CLI path, on one cheap figure
+    assert plot_results.main([pretrain_only, "--out", str(tmp_path / "cli")]) == 0
+    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["pretrain_curves.png"]
+    (tmp_path / "empty").mkdir()
+    assert plot_results.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()

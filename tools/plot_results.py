@@ -101,6 +101,20 @@ def save_png(fig, path):
     os.replace(tmp, path)
 
 
+def write_figures(runs, out):
+    """{file name: Figure} of the figures there is data for, saved as PNGs under `out`."""
+    figures = {}
+    if any(r.kind == "pretrain" and r.records for r in runs):
+        figures["pretrain_curves.png"] = plot_pretrain_curves(runs)
+    if any(r.kind == "detection" and not r.problem for r in runs):
+        figures["detection_ap.png"] = plot_detection_ap(runs)
+    if figures:
+        out.mkdir(parents=True, exist_ok=True)
+    for name, fig in figures.items():
+        save_png(fig, out / name)
+    return figures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -113,20 +127,12 @@ def main(argv=None):
                   f"holds them", file=sys.stderr)
             return 2
     runs, _ = find_runs(args.run_dirs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    wrote = []
-    if any(r.kind == "pretrain" and r.records for r in runs):
-        save_png(plot_pretrain_curves(runs), out / "pretrain_curves.png")
-        wrote.append("pretrain_curves.png")
-    if any(r.kind == "detection" and not r.problem for r in runs):
-        save_png(plot_detection_ap(runs), out / "detection_ap.png")
-        wrote.append("detection_ap.png")
+    wrote = write_figures(runs, Path(args.out))
     if not wrote:
         print(f"plot_results: no pretraining curves or finished detection runs under "
               f"{' '.join(args.run_dirs)}; see docs/formats.md", file=sys.stderr)
         return 2
-    print(f"wrote {', '.join(str(out / w) for w in wrote)}", file=sys.stderr)
+    print(f"wrote {', '.join(str(Path(args.out) / w) for w in wrote)}", file=sys.stderr)
     return 0
 
 
