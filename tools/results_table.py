@@ -148,6 +148,11 @@ def detection_metrics(results):
     return out
 
 
+def _seed(recorded, from_dir):
+    """Detectron2's SEED -1 means 'random': the seed<k> folder name then says more."""
+    return recorded if isinstance(recorded, int) and recorded >= 0 else from_dir
+
+
 def columns_for(kind, task):
     if kind == "pretrain":
         return PRETRAIN_COLUMNS
@@ -159,7 +164,7 @@ def read_detection_run(d):
     if (d / "final_metrics.json").exists():
         fm = read_json(d / "final_metrics.json")
         run = Run(d, "detection", str(fm.get("backbone") or layout_backbone),
-                  str(fm.get("task") or layout_task), fm.get("seed", seed))
+                  str(fm.get("task") or layout_task), _seed(fm.get("seed"), seed))
         results = fm.get("results")
         run.metrics = detection_metrics(results) if isinstance(results, dict) else {}
         # train_net writes NaN as null; either in a shown column (or none shown) = failed
@@ -169,7 +174,7 @@ def read_detection_run(d):
         return run
     cfg = read_yaml(d / "config.yaml") if (d / "config.yaml").exists() else {}
     name = (cfg.get("TRANSFER") or {}).get("BACKBONE_NAME") if isinstance(cfg.get("TRANSFER"), dict) else None
-    run = Run(d, "detection", name or layout_backbone, layout_task, cfg.get("SEED", seed))
+    run = Run(d, "detection", name or layout_backbone, layout_task, _seed(cfg.get("SEED"), seed))
     crash = traceback_in_log(d / "log.txt")
     if crash:
         run.problem = f"failed: log.txt ends in a traceback ({crash})"
