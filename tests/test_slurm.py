@@ -1,0 +1,168 @@
+"""Submitit launchers: --dry-run's sbatch lines, the stage list, a local pretraining job requeued
+after a simulated timeout (it resumes), and the demo pipeline end to end on the local cluster."""
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("submitit")
+
+from slurm import pipeline, submit  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny pretraining: 32-px crops, batch 8, no kNN monitor; a checkpoint after every step
+TINY_PRETRAIN = ["data.crop=32", "mm.crops=[16]", "data.batch_size=8", "data.num_workers=0",
+                 "model.queue=64", "knn.every_epochs=0", "log.progress=false", "log.tensorboard=false",
+                 "checkpoint.every_iters=1"]
+
+
+def sbatch_lines(text):
+    return set(re.findall(r"^#SBATCH .*$", text, flags=re.M))
+
+
+def dry_run(capsys, *argv):
+    assert submit.main([argv[0], "--dry-run", *argv[1:]]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    return tmp_path / "images"
+
+
+def test_dry_run_pretrain_sbatch_lines(capsys, tmp_path, image_root):
+    out = dry_run(capsys, "pretrain", "--config", "configs/pretrain/demo.yaml", "--output-dir",
+                  str(tmp_path / "run"), "--data-root", str(image_root), "--nodes", "2", "--gpus-per-node",
+                  "4", "--partition", "learnfair", "--timeout-min", "90", "--cluster", "slurm",
+                  "--", "epochs=3")
+    lines = sbatch_lines(out)
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+            "#SBATCH --partition=learnfair", "#SBATCH --time=90", "#SBATCH --signal=USR2@120"} <= lines
+    assert "-m pretrain --config" in out and "epochs=3" in out
+    assert not (tmp_path / "run").exists()  # nothing submitted, nothing written
+
+
+def test_dry_run_transfer_array_and_pipeline_dependencies(capsys, tmp_path, image_root):
+    weights = tmp_path / "w.pkl"
+    weights.write_bytes(b"")
+    out = dry_run(capsys, "transfer", "--config-file", "configs/detection/demo_shapes_voc_R_18_C4.yaml",
+                  "--weights", str(weights), "--output-root", str(tmp_path / "det"), "--seeds", "3",
+                  "--gpus-per-node", "2", "--cpus-per-task", "6", "--account", "acc", "--qos", "high",
+                  "--mem-gb", "64", "--signal-delay-s", "300", "--cluster", "slurm")
+    lines = sbatch_lines(out)
+    assert {"#SBATCH --array=0-2%3", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=2",
+            "#SBATCH --cpus-per-task=12", "#SBATCH --account=acc", "#SBATCH --qos=high",
+            "#SBATCH --mem=64GB", "#SBATCH --signal=USR2@300"} <= lines
+    seeds = re.findall(r"OUTPUT_DIR (\S+) .* SEED (\d+)", out)
+    assert [(Path(d).name, s) for d, s in seeds] == [("seed0", "0"), ("seed1", "1"), ("seed2", "2")]
+
+    out = dry_run(capsys, "pipeline", "--pretrain-config", "configs/pretrain/demo.yaml",
+                  "--data-root", str(image_root), "--out", str(tmp_path / "pipe"), "--seeds", "2",
+                  "--cluster", "slurm")
+    jobs = re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", out, flags=re.M)
+    assert jobs == [("pretrain/demo", ""), ("convert/demo", "pretrain/demo"),
+                    ("transfer/demo", "convert/demo"), ("results", "transfer/demo")]
+    assert "#SBATCH --dependency=afterok:convert/demo" in out
+
+
+def test_stages_layout_resume_flag_and_skip(tmp_path):
+    stages = pipeline.build_stages(["configs/pretrain/demo.yaml"], tmp_path / "img", tmp_path / "out",
+                                   voc_configs=["configs/detection/demo_shapes_voc_R_18_C4.yaml"],
+                                   seeds=2, first_seed=3)
+    assert [s.name for s in stages] == ["pretrain/demo", "convert/demo",
+                                        "transfer/demo/demo_shapes_voc_R_18_C4/seed3",
+                                        "transfer/demo/demo_shapes_voc_R_18_C4/seed4", "results"]
+    det = stages[2]
+    assert det.done_file == str(tmp_path / "out/transfer/demo/demo_shapes_voc_R_18_C4/seed3/final_metrics.json")
+    assert "--resume" not in det.command()
+    Path(det.done_file).parent.mkdir(parents=True)  # a previous attempt: Detectron2 must resume
+    cmd = det.command(extra=["--num-machines", "2"])
+    assert cmd.index("--num-machines") < cmd.index("--resume") < cmd.index("OUTPUT_DIR")
+    assert stages[-1].after == tuple(s.name for s in stages[2:4])
+
+    marker = tmp_path / "ran.txt"
+    write = (f"import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
+             f"p.write_text('x'); open({str(marker)!r}, 'a').write('.')")
+    fake = [pipeline.Stage(f"s{k}", (sys.executable, "-c", write, str(tmp_path / f"s{k}" / "done")),
+                           str(tmp_path / f"s{k}" / "done")) for k in range(2)]
+    assert pipeline.run_sequential(fake, log=lambda m: None) == ["s0", "s1"]
+    assert pipeline.run_sequential(fake, log=lambda m: None) == []  # complete stages are skipped
+    assert marker.read_text() == ".."
+    lazy = pipeline.Stage("lazy", (sys.executable, "-c", "pass"), str(tmp_path / "never"))
+    with pytest.raises(pipeline.PipelineError, match="without writing"):
+        pipeline.run_sequential([lazy], log=lambda m: None)
+
+
+def test_bad_input_exits_2(capsys, tmp_path):
+    assert submit.main(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--output-dir",
+                        str(tmp_path), "--dry-run"]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def task_pids(controller_pid):
+    """The task processes of a local Submitit job (children of its controller)."""
+    path = Path(f"/proc/{controller_pid}/task/{controller_pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the local task process in /proc")
+def test_local_pretrain_requeues_and_resumes(corpus, tmp_path):
+    out = tmp_path / "pretrain"
+    args = submit.parse_args(["pretrain", "--config", "configs/pretrain/demo.yaml", "--output-dir", str(out),
+                              "--data-root", str(corpus / "imagefolder"), "--epochs", "2", "--cluster", "local",
+                              "--gpus-per-node", "0", "--timeout-min", "10", "--", *TINY_PRETRAIN])
+    job, = submit.launch(args, submit.stages_for(args), log=lambda m: None)
+    wait_for(lambda: (out / "checkpoint.pth").exists() or job.done(), 120, "the first checkpoint")
+    assert not job.done(), job.stderr()
+    # what the local controller does at its timeout (Controller.wait): USR2 to every task
+    for pid in task_pids(job._process.pid):
+        os.kill(pid, signal.SIGUSR2)
+    job.result()  # raises if the job failed
+    stdout = job.stdout()
+    assert "Requeued job" in job.stderr() and "resume=True" in stdout
+    resumed = re.findall(r"resumed from .* at iteration (\d+)", (out / "log.txt").read_text())
+    assert resumed and int(resumed[0]) > 0  # from its checkpoint, not from scratch
+    ipe = len(list((corpus / "imagefolder" / "train").rglob("*.jpg"))) // 8
+    done = json.loads((out / "done.json").read_text())
+    assert done["iters"] == 2 * ipe  # as many steps as an uninterrupted run
+    train_iters = [r["iter"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if r["type"] == "train"]
+    assert train_iters[-1] == 2 * ipe
+
+
+@pytest.mark.slow
+def test_demo_pipeline_local_end_to_end(corpus, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("detectron2")
+    monkeypatch.setenv("SHAPES_ROOT", str(corpus))
+    root = tmp_path / "pipe"
+    argv = ["pipeline", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root",
+            str(corpus / "imagefolder"), "--epochs", "1", "--voc-config",
+            "configs/detection/demo_shapes_voc_R_18_C4.yaml", "--coco-config", "--seeds", "2",
+            "--out", str(root), "--cluster", "local", "--gpus-per-node", "0", "--wait",
+            "--pretrain-opts", " ".join(TINY_PRETRAIN),
+            "--transfer-opts", "SOLVER.MAX_ITER 4 SOLVER.STEPS (3,) SOLVER.CHECKPOINT_PERIOD 4 TEST.PRECISE_BN.ENABLED False"]
+    assert submit.main(argv) == 0
+    runs = sorted((root / "transfer" / "demo").glob("*/seed*/final_metrics.json"))
+    metrics = [json.loads(p.read_text()) for p in runs]
+    assert [(m["task"], m["seed"], m["backbone"]) for m in metrics] == [
+        ("demo_shapes_voc_R_18_C4", 0, "demo"), ("demo_shapes_voc_R_18_C4", 1, "demo")]
+    assert (root / "weights" / "demo.pkl").is_file() and (root / "pretrain" / "demo" / "done.json").is_file()
+    assert "demo" in (root / "results.md").read_text()
+    capsys.readouterr()
+    assert submit.main(argv) == 0  # again: every stage is complete, nothing is submitted
+    assert "nothing to do" in capsys.readouterr().out
