@@ -97,7 +97,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--rho", "1.5"], ["--alpha", "-0.1"], ["--dim", "4", "--k", "10"],
-                                  ["--eps", "0.9"]])
+                                  ["--eps", "0.9"], ["--width", "7"]])
 def test_cli_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         t2.main(argv)

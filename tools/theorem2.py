@@ -1,11 +1,5 @@
-"""Theorem 2 of SANE (arXiv 2106.14749) on synthetic clustered data: gradient descent on
-refined labels ȳᵗ = (1 − αₜ)·y + αₜ·f(Wₜ, x̃) recovers the true labels of corrupted clusters.
-
-Setting (Li, Soltanolkotabi & Oymak 2020; see docs/theorem2.md): K unit-norm cluster centres,
-crops within ε of their centre, class values in [-1, 1] with separation δ, a fraction ρ of each
-cluster's labels corrupted, f(W, x) = vᵀφ(Wx) with fixed v and W trained by full-batch GD.
-Run: python tools/theorem2.py [--rho 0.05 0.1 ...] [--alpha 0 0.5 ...] [--plot P] [--json J]
-"""
+"""Theorem 2 of SANE (arXiv 2106.14749) on synthetic clusters: GD on refined labels
+ȳᵗ = (1 − αₜ)·y + αₜ·f(Wₜ, x̃) recovers corrupted labels exactly (setting: docs/theorem2.md)."""
 import argparse
 import json
 import math
@@ -22,7 +16,7 @@ DTYPE = torch.float32  # float32: 4x faster than float64 on CPU; runs stay deter
 
 
 def class_values(num_classes):
-    """The label set {α_l} ⊂ [-1, 1], evenly spaced so the separation is δ = 2 / (K̄ − 1)."""
+    """The K̄ class values in [-1, 1], evenly spaced so their separation is δ = 2 / (K̄ − 1)."""
     return torch.linspace(-1.0, 1.0, num_classes, dtype=DTYPE)
 
 
@@ -118,23 +112,20 @@ def train(x, x_tilde, y, alphas, width, steps, lr, ramp, generator):
     W = init_weights(width, x.shape[1], generator).expand(len(alphas), -1, -1).clone()
     W.requires_grad_(True)
     opt = torch.optim.SGD([W], lr=lr)
-    both = torch.cat([x, x_tilde])  # one forward serves the prediction f(W, x) and the target's f(W, x̃)
-    n = len(x)
 
-    def alpha_at(t):
-        return torch.tensor([alpha_schedule(float(a), t, steps, ramp) for a in alphas], dtype=DTYPE)[:, None]
+    def refine(t):
+        with torch.no_grad():  # the refined label is a target, not a path for gradients
+            a_t = torch.tensor([alpha_schedule(float(a), t, steps, ramp) for a in alphas], dtype=DTYPE)
+            return refined_labels(y, network(W, x_tilde, v), a_t[:, None])
 
     for t in range(steps):
-        f = network(W, both, v)
-        # the refined label is a target, not a path for gradients: f(W, x̃) is detached
-        y_bar = refined_labels(y, f[:, n:].detach(), alpha_at(t))
+        y_bar = refine(t)
         # sum over models keeps their gradients independent; mean over samples as in the theorem
-        loss = 0.5 * (f[:, :n] - y_bar).pow(2).mean(1).sum()
+        loss = 0.5 * (network(W, x, v) - y_bar).pow(2).mean(1).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return W.detach(), refined_labels(y, network(W, x_tilde, v), alpha_at(steps))
+    return W.detach(), refine(steps)
 
 
 def nearest_class(values, table):
@@ -215,6 +206,9 @@ def write_atomic(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -265,6 +259,8 @@ def parse_args(argv):
            + [f"--{n} {getattr(args, n.replace('-', '_'))} (must be >= {lo})"
               for n, lo in [("k", 1), ("classes", 2), ("n-per-cluster", 1), ("width", 2), ("steps", 1)]
               if getattr(args, n.replace("-", "_")) < lo])
+    if args.width % 2:
+        bad.append(f"--width {args.width} (must be even: the ±1/√k halves of v pair up)")
     if args.dim < args.k:
         bad.append(f"--dim {args.dim} (must be >= --k {args.k} for orthonormal centres)")
     if not 0 <= args.eps < math.sqrt(2) / 2:
