@@ -1,0 +1,162 @@
+"""transfer/: the detection configs build, converted R18 demo weights fine-tune Faster and Mask R-CNN
+on the synthetic corpus and report AP, an interrupted fine-tune resumes, bad datasets are named."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tools import convert_checkpoint as cc
+from tools.make_synthetic_data import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "detection"
+# Tiny runs on CPU: 64-px images, 2 per batch, few ROIs, res5 on 2x2 ROI features.
+TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 2,
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 4, "MODEL.RPN.POST_NMS_TOPK_TEST", 16,
+        "TEST.PRECISE_BN.NUM_ITER", 2, "SEED", 0]
+
+
+@pytest.fixture(scope="module")
+def shapes(corpus):
+    """SHAPES_ROOT points at the session corpus while this module runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHAPES_ROOT", str(corpus))
+        yield corpus
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A converted demo backbone: a torchvision resnet18 saved as a pretraining checkpoint."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    folder = tmp_path_factory.mktemp("demo_r18")
+    torch.save({"model": {f"encoder_q.{k}": v for k, v in net.state_dict().items()}, "epoch": 1},
+               folder / "checkpoint.pth")
+    cc.convert(folder / "checkpoint.pth", folder / "backbone.pkl", log=lambda s: None)
+    return folder / "backbone.pkl"
+
+
+def train_net(config, out, *opts, resume=False):
+    from transfer import train_net as tn
+
+    argv = ["--config-file", str(CONFIGS / config)] + (["--resume"] if resume else [])
+    tn.main(tn.argument_parser().parse_args(argv + ["OUTPUT_DIR", str(out), *map(str, TINY + list(opts))]))
+    return json.loads((out / "final_metrics.json").read_text())
+
+
+def assert_ap(results, tasks):
+    assert set(results) == set(tasks)
+    for task in tasks:
+        for key in ("AP", "AP50", "AP75"):
+            assert 0.0 <= results[task][key] <= 100.0, (task, key)
+
+
+def test_faster_rcnn_voc_resumes_after_interruption_and_reports_ap(shapes, weights, tmp_path,
+                                                                   monkeypatch):
+    from detectron2.engine import HookBase
+
+    from transfer.train_net import Trainer
+
+    class Preempted(HookBase):  # a job killed mid-run, after its iteration-10 checkpoint
+        def after_step(self):
+            if self.trainer.iter == 12:
+                raise KeyboardInterrupt("preempted")
+
+    build_hooks = Trainer.build_hooks
+    monkeypatch.setattr(Trainer, "build_hooks", lambda self: build_hooks(self) + [Preempted()])
+    out = tmp_path / "demo_r18" / "voc" / "seed0"
+    opts = ["MODEL.WEIGHTS", weights, "SOLVER.MAX_ITER", 20, "SOLVER.CHECKPOINT_PERIOD", 5]
+    with pytest.raises(KeyboardInterrupt):
+        train_net("demo_shapes_voc_R_18_C4.yaml", out, *opts)
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000009.pth"
+    assert not (out / "final_metrics.json").exists()
+
+    monkeypatch.setattr(Trainer, "build_hooks", build_hooks)
+    metrics = train_net("demo_shapes_voc_R_18_C4.yaml", out, *opts, resume=True)
+    assert "Starting training from iteration 10" in (out / "log.txt").read_text()
+    assert (out / "model_final.pth").is_file()
+    assert metrics["iter"] == 20 and metrics["seed"] == 0
+    assert metrics["task"] == "demo_shapes_voc_R_18_C4"
+    assert metrics["backbone"] == weights.parent.name and metrics["weights"] == str(weights)
+    assert_ap(metrics["results"], ["bbox"])
+
+
+def test_mask_rcnn_coco_fine_tune_reports_bbox_and_segm(shapes, weights, tmp_path):
+    out = tmp_path / "coco"
+    metrics = train_net("demo_shapes_coco_R_18_C4.yaml", out, "MODEL.WEIGHTS", weights,
+                        "SOLVER.MAX_ITER", 20, "TRANSFER.BACKBONE_NAME", "sane_r18")
+    assert metrics["backbone"] == "sane_r18" and metrics["iter"] == 20
+    assert_ap(metrics["results"], ["bbox", "segm"])
+    assert "AP-" + CLASSES[0] in metrics["results"]["segm"]  # per-class AP under the corpus names
+    log = (out / "log.txt").read_text()
+    assert "Some model parameters or buffers are not found in the checkpoint" in log
+    # only the new layers are reported missing: no backbone tensor is left random
+    missing = log.split("Some model parameters or buffers are not found in the checkpoint")[1]
+    missing = missing.split("\n[")[0]
+    assert "backbone." not in missing and "roi_heads.res5.0" not in missing
+    assert "roi_heads.res5.norm" in missing
+
+
+PROTOCOL = {"voc_R_50_C4_24k.yaml": ((18000, 22000), 24000),
+            "coco_R_50_C4_1x.yaml": ((60000, 80000), 90000),
+            "coco_R_50_C4_2x.yaml": ((120000, 160000), 180000),
+            "coco_R_50_FPN_1x.yaml": ((60000, 80000), 90000)}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_parses_and_builds_a_model(name):
+    from detectron2.layers import NaiveSyncBatchNorm
+    from detectron2.modeling import build_model
+
+    from transfer import train_net as tn
+
+    cfg = tn.load_config(tn.argument_parser().parse_args(
+        ["--config-file", str(CONFIGS / name), "MODEL.DEVICE", "cpu"]))
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.280, 103.530]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.120, 57.375]
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.TRANSFER.BACKBONE_NAME == ""
+    assert not cfg.SOLVER.AMP.ENABLED  # switched off on CPU
+    if name in PROTOCOL:
+        assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == PROTOCOL[name]
+        assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+        assert cfg.MODEL.MASK_ON == name.startswith("coco") and cfg.TEST.PRECISE_BN.ENABLED
+    model = build_model(cfg)
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, NaiveSyncBatchNorm) for m in norms)  # fine-tuned, synced
+    if "C4" in name:
+        assert type(model.roi_heads).__name__ == "Res5ROIHeadsExtraNorm"
+        assert isinstance(model.roi_heads.res5.norm, NaiveSyncBatchNorm)
+    if "FPN" in name:
+        assert isinstance(model.backbone.fpn_lateral2.norm, NaiveSyncBatchNorm)
+
+
+def test_shapes_registered_with_corpus_classes(corpus):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from transfer import datasets
+
+    datasets.register_shapes(corpus)
+    for name, n in [("shapes_voc_trainval", 48), ("shapes_voc_test", 24),
+                    ("shapes_coco_train", 48), ("shapes_coco_val", 24)]:
+        assert len(DatasetCatalog.get(name)) == n
+        assert MetadataCatalog.get(name).thing_classes == list(CLASSES)
+    assert MetadataCatalog.get("shapes_voc_test").evaluator_type == "pascal_voc"
+    assert MetadataCatalog.get("shapes_coco_val").evaluator_type == "coco"
+
+
+def test_missing_dataset_folder_is_one_clear_error(tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "nowhere"),
+               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "transfer/train_net.py", "--config-file",
+                        "configs/detection/voc_R_50_C4_24k.yaml"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in r.stderr
+    assert str(tmp_path / "nowhere" / "VOC2007") in err[0] and "DETECTRON2_DATASETS" in err[0]

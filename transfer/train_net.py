@@ -1,0 +1,150 @@
+"""Fine-tune a converted backbone with Detectron2 (MoCo detection protocol), as Detectron2's
+tools/train_net.py; writes OUTPUT_DIR/final_metrics.json (docs/formats.md) after the last evaluation.
+
+    python transfer/train_net.py --config-file configs/detection/voc_R_50_C4_24k.yaml \
+        --num-gpus 8 MODEL.WEIGHTS backbone.pkl OUTPUT_DIR out/voc SEED 0
+"""
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import CfgNode as CN  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results  # noqa: E402
+
+from transfer import datasets, roi_heads  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
+
+logger = logging.getLogger("transfer")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if kind == "pascal_voc":  # VOC07 11-point AP50 + COCO-style AP/AP75 over IoU 0.5:0.95
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if kind == "coco":
+            tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
+        raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
+
+
+def add_transfer_config(cfg):
+    """TRANSFER.BACKBONE_NAME: the name results are filed under (default: the weights' folder)."""
+    cfg.TRANSFER = CN()
+    cfg.TRANSFER.BACKBONE_NAME = ""
+
+
+def load_config(args):
+    """The resolved config: defaults + TRANSFER node + config file + trailing `KEY value` opts."""
+    cfg = get_cfg()
+    add_transfer_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE == "cpu":
+        cfg.SOLVER.AMP.ENABLED = False  # Detectron2's AMPTrainer needs CUDA
+    return cfg
+
+
+def setup(args):
+    datasets.register_shapes()  # here, not at import: spawned workers run main() only
+    cfg = load_config(args)
+    cfg.freeze()
+    default_setup(cfg, args)  # logger, config.yaml in OUTPUT_DIR, seed_all_rng(SEED + rank)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("MODEL.DEVICE cpu: AMP off")
+    if comm.get_world_size() == 1:
+        logger.info("1 process: naiveSyncBN layers normalise with per-batch statistics (plain BN)")
+    return cfg
+
+
+def backbone_name(cfg):
+    """docs/formats.md: TRANSFER.BACKBONE_NAME, else the folder of MODEL.WEIGHTS, else random_init."""
+    if cfg.TRANSFER.BACKBONE_NAME:
+        return cfg.TRANSFER.BACKBONE_NAME
+    if not cfg.MODEL.WEIGHTS:
+        return "random_init"
+    return os.path.basename(os.path.dirname(os.path.abspath(cfg.MODEL.WEIGHTS)))
+
+
+def _finite(x):
+    """NaN/inf (e.g. AP of a class absent from a tiny test set) -> null: strict JSON for any reader."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+def write_final_metrics(cfg, args, results, iteration):
+    """OUTPUT_DIR/final_metrics.json, atomically, on the main process."""
+    record = {
+        "config_file": args.config_file,
+        "task": Path(args.config_file).stem,
+        "backbone": backbone_name(cfg),
+        "weights": cfg.MODEL.WEIGHTS,
+        "seed": cfg.SEED,
+        "iter": iteration,
+        "results": _finite({k: dict(v) for k, v in results.items()}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=cfg.OUTPUT_DIR, prefix=".final_metrics.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"))
+    return record
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        ckpt = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
+        results, iteration = Trainer.test(cfg, model), ckpt.get("iteration", -1) + 1
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+        results, iteration = getattr(trainer, "_last_eval_results", None), trainer.iter
+    if comm.is_main_process() and results:
+        verify_results(cfg, results)  # checks TEST.EXPECTED_RESULTS when set
+        write_final_metrics(cfg, args, results, iteration)
+    return results
+
+
+def check_inputs(args):
+    """Errors worth one line, found before any process or model is started."""
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file {args.config_file}: no such file")
+    datasets.register_shapes()
+    cfg = load_config(args)
+    datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (convert a "
+                                "checkpoint with tools/convert_checkpoint.py)")
+
+
+def argument_parser():
+    return default_argument_parser(epilog=__doc__)
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    try:
+        check_inputs(args)
+    except (FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
