@@ -110,7 +110,10 @@ def image_folders(root, train_tf, test_tf):
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(f"data root {root} has no train/ and val/ folders; pass an "
                         "ImageFolder root (synthetic corpus: DIR/imagefolder)")
-    train, val = datasets.ImageFolder(root / "train", train_tf), datasets.ImageFolder(root / "val", test_tf)
+    try:
+        train, val = datasets.ImageFolder(root / "train", train_tf), datasets.ImageFolder(root / "val", test_tf)
+    except FileNotFoundError as e:  # no class folders / no images in one split
+        raise UserError(f"data root {root}: {e}; expected train/<class>/*.jpg and val/<class>/*.jpg") from None
     unknown = set(val.classes) - set(train.classes)
     if unknown:
         raise UserError(f"data root {root}: val/ has classes {sorted(unknown)} missing "
@@ -268,21 +271,22 @@ def run_probe(args):
     out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def loader(ds):
-        return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False,
-                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    train_loader, test_loader = (DataLoader(
+        ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+        for ds in (train_set, test_set))
 
-    def features(ds):
-        feats, labels = extract_features(backbone, loader(ds), device, normalize=cfg["normalize"])
+    def features(loader):
+        feats, labels = extract_features(backbone, loader, device, normalize=cfg["normalize"])
         if args.preset == "voc07":  # labels are image indices: look up multi-hot targets
-            return feats, ds.targets.to(device)[labels]
+            return feats, loader.dataset.targets.to(device)[labels]
         return feats, labels
 
-    cached = features(train_set)
-    test_feats, test_targets = features(test_set)
+    cached = features(train_loader)
+    test_feats, test_targets = features(test_loader)
 
     def train_features(epoch):  # fresh augmented views each epoch, else the cached features
-        return features(train_set) if cfg["augment"] and epoch > 0 else cached
+        return features(train_loader) if cfg["augment"] and epoch > 0 else cached
 
     if args.preset == "voc07":
         ignore = test_set.ignore.to(device)

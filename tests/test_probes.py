@@ -2,9 +2,8 @@
 linear / VOC07 linear probes on the synthetic corpus."""
 import json
 import math
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from pretrain import linear
 from pretrain.knn import extract_features, knn_top1
 from pretrain.linear import (average_precision, fit_linear, mean_average_precision,
                              read_backbone_state, read_voc_annotation)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unit(angles_deg):
@@ -194,10 +191,13 @@ def test_bad_inputs_exit_2(case, corpus, resnet18_ckpt, tmp_path, capsys):
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_cli_missing_checkpoint_exits_2(tmp_path):
+def test_cli_missing_checkpoint_exits_2(tmp_path, monkeypatch, capsys):
+    # `python -m pretrain.linear ...` run in-process (runpy), sparing a second torch import
     missing = tmp_path / "nope.pth"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.linear", "--checkpoint", str(missing),
-                           "--data", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    assert str(missing) in proc.stderr and "not found" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    monkeypatch.setattr(sys, "argv", ["linear", "--checkpoint", str(missing), "--data", str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "pretrain.linear")   # as a fresh `-m` run: no runpy warning
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("pretrain.linear", run_name="__main__")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "not found" in err and len(err.splitlines()) == 1
