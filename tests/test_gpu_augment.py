@@ -204,7 +204,12 @@ def test_module_reads_jpeg_folder_and_skips_bad_files(tmp_path):
     (tmp_path / "b" / "broken.jpg").write_bytes(b"not a jpeg")
     ds = ga.RawJPEGFolder(tmp_path)
     assert len(ds) == 7 and ds.classes == ["a", "b"]
-    data, labels = ga.RawJPEGFolder.collate([ds[i] for i in range(len(ds))])
+    # through worker processes: one shared storage per batch, bytes intact
+    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=1, collate_fn=ds.collate,
+                                         timeout=60)
+    data, labels = next(iter(loader))
+    assert len({d.untyped_storage().data_ptr() for d in data}) == 1
+    assert bytes(data[0].numpy()) == (tmp_path / "a" / "0.jpg").read_bytes()
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 1] and data[0].dtype == torch.uint8
     cfg = load_config(None, ["data.crop=32", "mm.crops=[32,16]", "data.strong_mm=true"])
     torch.manual_seed(0)
