@@ -21,6 +21,15 @@ TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", 64, "SOLVER.IMS_
         "TEST.PRECISE_BN.NUM_ITER", 2, "SEED", 0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run as fast on one thread, and OpenMP threads slow 10x on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def shapes(corpus):
     """SHAPES_ROOT points at the session corpus while this module runs."""
@@ -41,10 +50,11 @@ def weights(tmp_path_factory):
     return folder / "backbone.pkl"
 
 
-def train_net(config, out, *opts, resume=False):
+def train_net(config, out, *opts, resume=False, eval_only=False):
     from transfer import train_net as tn
 
     argv = ["--config-file", str(CONFIGS / config)] + (["--resume"] if resume else [])
+    argv += ["--eval-only"] if eval_only else []
     tn.main(tn.argument_parser().parse_args(argv + ["OUTPUT_DIR", str(out), *map(str, TINY + list(opts))]))
     return json.loads((out / "final_metrics.json").read_text())
 
@@ -84,6 +94,11 @@ def test_faster_rcnn_voc_resumes_after_interruption_and_reports_ap(shapes, weigh
     assert metrics["task"] == "demo_shapes_voc_R_18_C4"
     assert metrics["backbone"] == weights.parent.name and metrics["weights"] == str(weights)
     assert_ap(metrics["results"], ["bbox"])
+
+    # --eval-only on the final model reproduces the numbers of the training run's evaluation
+    again = train_net("demo_shapes_voc_R_18_C4.yaml", tmp_path / "eval", "MODEL.WEIGHTS",
+                      out / "model_final.pth", eval_only=True)
+    assert again["results"] == metrics["results"] and again["iter"] == 20
 
 
 def test_mask_rcnn_coco_fine_tune_reports_bbox_and_segm(shapes, weights, tmp_path):
