@@ -2,8 +2,11 @@
 linear / VOC07 linear probes on the synthetic corpus."""
 import json
 import math
+import os
 import runpy
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from pretrain import linear
 from pretrain.knn import extract_features, knn_top1
 from pretrain.linear import (average_precision, fit_linear, mean_average_precision,
                              read_backbone_state, read_voc_annotation)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unit(angles_deg):
@@ -70,6 +75,32 @@ def test_extract_features_unit_norm_and_ordered():
     net.train()
     extract_features(net, loader, torch.device("cpu"))
     assert net.training   # the caller's mode is restored
+
+
+# Each rank extracts an unequal shard; every rank must get all rows in rank order.
+_GATHER_RANK = """
+import sys, torch, torch.distributed as dist
+from pretrain.knn import extract_features
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+shards = [torch.arange(6.0).view(3, 2) + 1, -torch.arange(10.0).view(5, 2) - 1]
+labels = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5, 6, 7])]
+loader = [(shards[rank][:2], labels[rank][:2]), (shards[rank][2:], labels[rank][2:])]
+feats, got = extract_features(torch.nn.Identity(), loader, torch.device("cpu"))
+assert torch.equal(got, torch.arange(8)), got
+assert torch.allclose(feats, torch.nn.functional.normalize(torch.cat(shards), dim=1)), feats
+dist.destroy_process_group()
+"""
+
+
+def test_extract_features_gathers_unequal_shards_across_ranks(tmp_path):
+    # two plain interpreters importing only torch + pretrain.knn (cheaper than mp.spawn,
+    # which would re-import this test module and torchvision in every child)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_RANK, str(r), str(tmp_path / "init")],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
 
 
 def test_average_precision_hand_case():
