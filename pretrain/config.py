@@ -13,7 +13,8 @@ DEFAULTS = {
     "output_dir": "",
     "epochs": 200,
     "seed": 0,
-    "deterministic": False,      # CPU bit-exact mode: deterministic kernels, num_workers 0
+    "device": "auto",            # auto (CUDA when available) | cpu | cuda
+    "deterministic": False,      # bit-exact mode: deterministic kernels, num_workers 0
     "max_iters_this_run": 0,     # >0: stop (and checkpoint) after this many steps; resume later
     "compile": False,            # torch.compile the encoders
     "amp": "bf16",               # bf16 | none; autocast on CUDA only
@@ -177,6 +178,8 @@ def validate(cfg):
     src = "config"
     if cfg.data.pipeline not in ("cpu", "gpu"):
         raise UserError(f"{src}: data.pipeline must be cpu or gpu, got {cfg.data.pipeline!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"{src}: device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.amp not in ("bf16", "none"):
         raise UserError(f"{src}: amp must be bf16 or none, got {cfg.amp!r}")
     if cfg.slr.vanilla not in ("auto", "onehot", "refined"):

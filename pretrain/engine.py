@@ -1,8 +1,7 @@
 """The pretraining loop: DDP, bf16 autocast, cosine SGD, atomic checkpoints with automatic
 resume, metrics (train loss, kNN, SLR label quality) and done.json at the end."""
 import contextlib
-import json
-import time
+import os
 from pathlib import Path
 
 import torch
@@ -106,6 +105,8 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe):
 
 def configure_determinism(cfg):
     if cfg.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic matmuls (read at its first call)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
@@ -116,7 +117,7 @@ def configure_determinism(cfg):
 
 def train(cfg):
     """Run (or resume) the pretraining described by `cfg` in cfg.output_dir."""
-    rank, world, device = utils.init_distributed()
+    rank, world, device = utils.init_distributed(cfg.device)
     out = Path(cfg.output_dir or "output/pretrain")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

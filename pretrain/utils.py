@@ -18,15 +18,18 @@ class UserError(Exception):
     """Bad input (config, data folder): the CLI prints the message and exits with code 2."""
 
 
-def init_distributed():
+def init_distributed(device="auto"):
     """Join the env:// process group set by torchrun or Submitit; NCCL on GPU, gloo on CPU.
 
-    Returns (rank, world_size, device). One process without WORLD_SIZE>1 runs alone.
+    device: auto (CUDA when available) | cpu | cuda. Returns (rank, world_size, device).
+    One process without WORLD_SIZE>1 runs alone.
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but CUDA is not available: use device=auto or cpu")
+    if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -22,6 +22,7 @@ TINY = [  # resnet18, 32-px crops, batch 8, queue 64: a step takes well under a 
     "data.crop=32", "data.batch_size=8", "data.num_workers=0", "mm.crops=[16]", "mm.kappa=2.0",
     "slr.tau_prime=0.8", "slr.mu_start=0.0", "slr.mu_end=1.0", "optim.lr=2.0",
     "log.every_iters=1", "log.progress=false", "log.tensorboard=true", "deterministic=true",
+    "device=cpu",
     "checkpoint.save_every_epochs=1", "epochs=2",
 ]
 
