@@ -210,7 +210,7 @@ def top1(logits, labels):
 
 # ---------------------------------------------------------------- training on cached features
 def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="sgd", momentum=0.9,
-               weight_decay=0.0, evaluate=None, log=None, **_):
+               weight_decay=0.0, evaluate=None, log=None):
     """Train nn.Linear on frozen features with a per-iteration cosine lr and return it.
 
     train_features(epoch) -> (feats [N, D], targets): class indices [N] (cross-entropy) or
@@ -298,8 +298,9 @@ def run_probe(args):
             return {"top1": top1(clf(test_feats), test_targets)}
 
     logger, last = MetricLogger(out_dir), {}
-    fit_linear(train_features, num_outputs, log=lambda row: (last.update(row), logger.log(row)),
-               evaluate=evaluate, **cfg)
+    fit_linear(train_features, num_outputs, cfg["epochs"], cfg["lr"], cfg["batch_size"],
+               cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], evaluate,
+               log=lambda row: (last.update(row), logger.log(row)))
     logger.close()
     metric = "mAP" if args.preset == "voc07" else "top1"
     result = {"preset": args.preset, metric: last[metric], "checkpoint": str(args.checkpoint),
