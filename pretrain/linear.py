@@ -270,6 +270,9 @@ def run_probe(args):
         num_outputs = len(train_set.classes)
     out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the resolved settings next to the results (design.md: every run saves its config)
+    atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, "arch": arch,
+                                                       "device": str(device)})
 
     train_loader, test_loader = (DataLoader(
         ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,

@@ -196,6 +196,8 @@ def test_linear_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["type"] == "linear" for r in rows)
     assert rows[-1]["top1"] == result["top1"]
+    config = json.loads((out / "linear_config.json").read_text())
+    assert config["epochs"] == 2 and config["lr"] == 10.0 and config["augment"] is True
 
 
 def test_voc07_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):
