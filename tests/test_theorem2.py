@@ -1,5 +1,6 @@
 """Theorem 2 on synthetic clusters (tools/theorem2.py): the refinery recovers every corrupted
 label below the bound ρ ≤ δ/8, and α = 0 leaves the corrupted labels wrong."""
+import inspect
 import json
 import math
 
@@ -37,6 +38,15 @@ def test_alpha_zero_keeps_the_corrupted_labels_wrong(records):
     for r in (r for r in records if r["alpha"] == 0.0):
         assert r["recovery"] == pytest.approx(1.0 - r["corrupted_fraction"])
         assert r["recovery"] == pytest.approx(1.0 - RHO, abs=0.01)
+
+
+def test_cli_defaults_are_the_setting_the_tests_run():
+    args = vars(t2.parse_args([]))
+    args["num_classes"] = args.pop("classes")
+    for name, param in inspect.signature(t2.run).parameters.items():
+        if param.default is not inspect.Parameter.empty:
+            assert args[name] == param.default, name
+    assert list(SEEDS) == args["seed"] and RHO in args["rho"] and ALPHA in args["alpha"]
 
 
 def test_make_clusters_geometry():
