@@ -2,6 +2,7 @@
 each a command line with the file that marks it complete; run in order or as Slurm jobs."""
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -107,8 +108,15 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
     log(f"[{stage.name}] {shlex.join(argv)}")
     environ = {**os.environ, **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
-    # run() kills the child if we leave early (SystemExit from Submitit's requeue handler)
-    code = subprocess.run(argv, cwd=REPO, env=environ).returncode
+    # its own process group, so that leaving early takes down what it spawned too (torchrun's and
+    # Detectron2's workers): Submitit's requeue handler exits by raising SystemExit here
+    proc = subprocess.Popen(argv, cwd=REPO, env=environ, start_new_session=True)
+    try:
+        code = proc.wait()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     if code != 0:
         raise PipelineError(f"[{stage.name}] exited with code {code}; its output is above, and "
                             f"rerunning resumes it: {shlex.join(argv)}")

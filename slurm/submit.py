@@ -243,10 +243,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     jobs = launch(args, stages)
-    if args.wait or (jobs and args.cluster == "debug"):
+    if args.wait or args.cluster == "debug":
         for job in jobs:
-            job.result()  # raises with the job's traceback when a stage failed
-        print("all jobs finished")
+            try:
+                job.result()
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+                print(f"error: job {job.job_id} failed; its log: {job.paths.stdout}\n{e}", file=sys.stderr)
+                return 1
+        print(f"{len(jobs)} job(s) finished")
     return 0
 
 

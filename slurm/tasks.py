@@ -1,5 +1,7 @@
 """The callable a Submitit job runs (dino/mae's run_with_submitit pattern): stages in order, with the
 distributed set-up from submitit.JobEnvironment(); on timeout or preemption it requeues and resumes."""
+import dataclasses
+import os
 import zlib
 
 import submitit
@@ -26,6 +28,17 @@ def transfer_flags(job):
             "--dist-url", f"tcp://{job.hostnames[0]}:{rendezvous_port(job.job_id)}"]
 
 
+def with_torchrun(stage, nproc):
+    """One task holding several GPUs (a local job): torchrun starts one pretrain process each."""
+    python, *rest = stage.argv
+    return dataclasses.replace(stage, argv=(python, "-m", "torch.distributed.run", "--standalone",
+                                            f"--nproc-per-node={nproc}", *rest))
+
+
+def visible_gpus():
+    return len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])
+
+
 class StageJob:
     """Runs `stages` (slurm.pipeline.Stage) in order in each task of a Submitit job, skipping the
     complete ones. Submitit calls checkpoint() on timeout/preemption and requeues what it returns."""
@@ -41,6 +54,8 @@ class StageJob:
         log(f"{job}: {len(self.stages)} stage(s), resume={self.resume}")
         ran = []
         for stage in self.stages:
+            if stage.kind == "pretrain" and job.num_tasks == 1 and visible_gpus() > 1:
+                stage = with_torchrun(stage, visible_gpus())
             env = {**self.env, **(pretrain_env(job) if stage.kind == "pretrain" else {})}
             flags = transfer_flags(job) if stage.kind == "transfer" else []
             ran += run_sequential([stage], log, env, lambda s: flags, self.resume,
