@@ -1,5 +1,6 @@
 """Exactness of tools/convert_checkpoint.py: converted weights reproduce torchvision's features
 in Detectron2's ResNet and in the Faster R-CNN C4 model of the configs; bad inputs are refused."""
+import argparse
 import os
 import pickle
 import subprocess
@@ -200,7 +201,12 @@ def bad_inputs(tmp_path):
     torch.save(partial, tmp_path / "partial.pth")
     torch.save({"epoch": 3, "weights": [1, 2]}, tmp_path / "unknown.pth")
     torch.save({"model": {"encoder.0.weight": torch.zeros(3)}}, tmp_path / "notresnet.pth")
+    (tmp_path / "model_final.pkl").write_bytes(b"not read")
+    torch.save({"state_dict": partial, "args": argparse.Namespace(arch="resnet18")},
+               tmp_path / "objects.pth")
     return {"truncated": ("truncated", truncated),
+            "already": ("Detectron2's format already", tmp_path / "model_final.pkl"),
+            "objects": ("weights_only", tmp_path / "objects.pth"),
             "partial": ("layer4.1.bn2.running_var", tmp_path / "partial.pth"),
             "unknown": ("unknown checkpoint format", tmp_path / "unknown.pth"),
             "notresnet": ("unknown checkpoint format", tmp_path / "notresnet.pth")}

@@ -4,6 +4,7 @@ Needs only torch + numpy: the rename rules follow MoCo's detection/convert-pretr
     python tools/convert_checkpoint.py checkpoint.pth backbone.pkl [--format d2|torchvision]
 """
 import argparse
+import collections
 import os
 import pickle
 import re
@@ -49,10 +50,21 @@ def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, never code."""
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
+    if str(path).endswith(".pkl"):
+        raise ConversionError(f"{path}: a .pkl is Detectron2's format already (use it as "
+                              "MODEL.WEIGHTS); convert the .pth checkpoint it came from instead")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, or a pickle with objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        if "Weights only load failed" in text:
+            unsupported = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "")
+            raise ConversionError(
+                f"{path}: holds Python objects that safe loading (weights_only=True) refuses "
+                f"({unsupported or 'not tensors or plain containers'}); re-save it with "
+                "torch.save({'state_dict': model.state_dict()}, path)"
+            ) from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ConversionError(
             f"{path}: cannot be read as a torch checkpoint ({first}); "
             "the file is truncated or not a .pth/.pt checkpoint: copy or re-save it"
@@ -74,7 +86,7 @@ def find_state_dict(obj, path):
 
 
 def extract_backbone(state, path):
-    """Strip the container prefix: returns (torchvision-named backbone, skipped keys, source)."""
+    """Strip the container prefix: (torchvision-named backbone, skipped keys, prefix, source)."""
     for prefix, source in PREFIXES:
         if prefix + "conv1.weight" in state:
             break
@@ -90,7 +102,7 @@ def extract_backbone(state, path):
             backbone[name] = v.detach().cpu()
         else:
             skipped.append(k)  # projection head / classifier, momentum encoder, queue
-    return backbone, skipped, source
+    return backbone, skipped, prefix, source
 
 
 def expected_keys(state):
@@ -168,7 +180,7 @@ def save_atomic(obj, path, fmt):
 def convert(src, dst, fmt="d2", log=print):
     """Read `src`, check it holds a whole ResNet, write `dst`; returns the written object."""
     state = find_state_dict(load_checkpoint(src), src)
-    backbone, skipped, source = extract_backbone(state, src)
+    backbone, skipped, prefix, source = extract_backbone(state, src)
     depth = check_complete(backbone, src)
     out = to_detectron2(backbone) if fmt == "d2" else backbone
     save_atomic(out, dst, fmt)
@@ -176,10 +188,17 @@ def convert(src, dst, fmt="d2", log=print):
     log(f"{src}: {source}, ResNet-{depth}")
     log(f"mapped {n} tensors to {'Detectron2' if fmt == 'd2' else 'torchvision'} names -> {dst}")
     if skipped:
-        heads = sorted({".".join(k.split(".")[:2]) for k in skipped})
-        log(f"skipped {len(skipped)} non-backbone entries: {', '.join(heads[:8])}"
-            + (" ..." if len(heads) > 8 else ""))
+        log(f"skipped {len(skipped)} non-backbone entries: {summarize(skipped, prefix)}")
     return out
+
+
+def summarize(keys, prefix):
+    """'encoder_k (120), encoder_q.fc (4), queue (1)': the skipped modules, with tensor counts."""
+    groups = collections.Counter(
+        prefix + k[len(prefix):].split(".")[0] if prefix and k.startswith(prefix) else k.split(".")[0]
+        for k in keys
+    )
+    return ", ".join(f"{name} ({n})" for name, n in sorted(groups.items()))
 
 
 def main(argv=None):
