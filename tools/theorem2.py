@@ -156,7 +156,7 @@ def run(seed, rhos, alphas, k=10, n_per_cluster=40, dim=32, width=128, eps=0.1, 
     test_cluster = torch.arange(k).repeat_interleave(n_per_cluster)
     x_test = crops_near(centres, test_cluster, eps, g)
     table = class_values(num_classes)
-    true = cluster % num_classes  # cluster l carries class value α_{l mod K̄}: balanced classes
+    true = cluster % num_classes  # cluster l carries class value number l mod K̄: balanced classes
     alpha_t = torch.tensor(alphas, dtype=DTYPE)
     records = []
     for rho in rhos:
@@ -168,10 +168,10 @@ def run(seed, rhos, alphas, k=10, n_per_cluster=40, dim=32, width=128, eps=0.1, 
         fit_true = 1.0 - prediction_error(W, x, true, table)  # the net's own reading of x_i
         fit_noisy = 1.0 - prediction_error(W, x, noisy, table)  # how much of y it memorised
         for j, a in enumerate(alphas):
-            records.append({"seed": seed, "rho": rho, "alpha": a, "recovery": float(rec[j]),
-                            "test_error": float(err[j]), "train_fit_true": float(fit_true[j]),
-                            "train_fit_corrupted": float(fit_noisy[j]),
-                            "corrupted_fraction": float((noisy != true).double().mean())})
+            fractions = {"recovery": rec[j], "test_error": err[j], "train_fit_true": fit_true[j],
+                         "train_fit_corrupted": fit_noisy[j], "corrupted_fraction": (noisy != true).double().mean()}
+            records.append({"seed": seed, "rho": rho, "alpha": a,
+                            **{name: round(float(v), 6) for name, v in fractions.items()}})
     return records
 
 
