@@ -128,7 +128,11 @@ def check_inputs(args):
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"--config-file {args.config_file}: no such file")
     datasets.register_shapes()
-    cfg = load_config(args)
+    try:
+        cfg = load_config(args)
+    except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad type or value
+        raise ValueError(f"{args.config_file} with opts {args.opts}: {e}; fix the key or "
+                         "value (see detectron2/config/defaults.py)") from None
     datasets.check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (convert a "
@@ -143,7 +147,7 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     try:
         check_inputs(args)
-    except (FileNotFoundError, OSError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
