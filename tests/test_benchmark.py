@@ -1,0 +1,69 @@
+"""tools/benchmark.py in its CPU mode at toy sizes: every section yields numbers, ratios are
+img/s over the ceiling of the same step composition, and one failing piece stays in its rows."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["--cpu", "--size", "32", "--batch-size", "4", "--iters", "1", "--warmup", "1",
+       "--num-images", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert benchmark.main(TOY + ["--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_section_measured_without_errors(report):
+    rows = report["rows"]
+    assert [r for r in rows if "error" in r] == []
+    assert {r["section"] for r in rows} == {"ceiling", "step", "data", "e2e"}
+    for name in ("mocov2", "sane", "sane_multi"):
+        assert any(r["section"] == "step" and r["name"].startswith(name) for r in rows)
+        assert any(r["section"] == "e2e" and r["name"].startswith(name) for r in rows)
+    assert all(r["img_s"] > 0 for r in rows)
+    assert report["device"] == "cpu" and report["args"]["arch"] == "resnet18"
+
+
+def test_ratio_is_img_s_over_the_step_composition_ceiling(report):
+    fb, f = report["ceiling"]["fwd_bwd"], report["ceiling"]["fwd"]
+    b = report["args"]["batch_size"]
+    # MM crops scale with the crop: 96/224 of 32 px -> 16 (the floor), Multi's five sizes
+    assert set(fb) == {"32", "27", "23", "18", "16"} and set(f) == {"32"}
+    steps = {r["name"].split()[0]: r for r in report["rows"] if r["section"] == "step"}
+    expect = {"mocov2": [], "sane": ["16"], "sane_multi": ["32", "27", "23", "18", "16"]}
+    for name, crops in expect.items():
+        t = b / fb["32"] + b / f["32"] + sum(b / fb[c] for c in crops)
+        r = steps[name]
+        assert r["ceiling_eager"] == pytest.approx(b / t)
+        assert r["ratio_eager"] == pytest.approx(r["img_s"] / r["ceiling_eager"])
+    assert "ceiling_compiled" not in steps["sane"]   # no compile on CPU
+
+
+def test_a_failing_piece_is_reported_and_the_rest_runs(tmp_path, monkeypatch, capsys):
+    def broken(cfg):
+        raise RuntimeError("nvjpeg exploded")
+    monkeypatch.setattr(benchmark.GPUMultiCrop, "from_config", staticmethod(broken))
+    out = tmp_path / "b.json"
+    benchmark.main(TOY + ["--sections", "data", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    gpu = [r for r in rows if "GPU path" in r["name"]]
+    cpu = [r for r in rows if "CPU path" in r["name"]]
+    assert gpu and all(r["error"] == "error: RuntimeError: nvjpeg exploded" for r in gpu)
+    assert cpu and all(r["img_s"] > 0 for r in cpu)
+    table = capsys.readouterr().out
+    assert "| data | sane GPU path" in table and "error: RuntimeError: nvjpeg exploded" in table
+
+
+def test_cli_rejects_bad_arguments_with_exit_code_2(tmp_path):
+    for extra in (["--sections", "ceilings"], ["--data", str(tmp_path)]):
+        r = subprocess.run([sys.executable, "tools/benchmark.py", "--cpu", *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and ("--sections" in r.stderr or "train/<class>" in r.stderr)
