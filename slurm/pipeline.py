@@ -101,16 +101,22 @@ def build_stages(pretrain_configs, data_root, out, voc_configs=(), coco_configs=
     return stages
 
 
-def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True):
+def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):
     """Run one stage's command from the repo root; fail unless it wrote its done file (checked by
-    the process that writes it: other ranks may finish first)."""
+    the process that writes it: other ranks may finish first). `ignore_signals` are left to the
+    caller alone (a Submitit job handles its timeout/preemption signals, the stage must not die)."""
     argv = stage.command(extra, resume)
     log(f"[{stage.name}] {shlex.join(argv)}")
     environ = {**os.environ, **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
     # its own process group, so that leaving early takes down what it spawned too (torchrun's and
     # Detectron2's workers): Submitit's requeue handler exits by raising SystemExit here
-    proc = subprocess.Popen(argv, cwd=REPO, env=environ, start_new_session=True)
+    def ignore():  # in the child, before exec: SIG_IGN is inherited by everything it starts
+        for sig in ignore_signals:
+            signal.signal(sig, signal.SIG_IGN)
+
+    proc = subprocess.Popen(argv, cwd=REPO, env=environ, start_new_session=True,
+                            preexec_fn=ignore if ignore_signals else None)
     try:
         code = proc.wait()
     except BaseException:
@@ -124,7 +130,8 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
         raise PipelineError(f"[{stage.name}] exited without writing {stage.done_file}")
 
 
-def run_sequential(stages, log=print, env=None, extra=None, resume=False, check_done=True):
+def run_sequential(stages, log=print, env=None, extra=None, resume=False, check_done=True,
+                   ignore_signals=()):
     """Run the stages in order, skipping those whose done_file exists. `extra(stage)` gives the
     launcher flags of a stage (distributed set-up), `env` extra environment variables."""
     ran = []
@@ -132,6 +139,6 @@ def run_sequential(stages, log=print, env=None, extra=None, resume=False, check_
         if stage.done():
             log(f"[{stage.name}] complete: {stage.done_file}")
             continue
-        run_stage(stage, extra(stage) if extra else (), resume, env, log, check_done)
+        run_stage(stage, extra(stage) if extra else (), resume, env, log, check_done, ignore_signals)
         ran.append(stage.name)
     return ran

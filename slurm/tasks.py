@@ -2,6 +2,7 @@
 distributed set-up from submitit.JobEnvironment(); on timeout or preemption it requeues and resumes."""
 import dataclasses
 import os
+import signal
 import zlib
 
 import submitit
@@ -59,8 +60,15 @@ class StageJob:
             env = {**self.env, **(pretrain_env(job) if stage.kind == "pretrain" else {})}
             flags = transfer_flags(job) if stage.kind == "transfer" else []
             ran += run_sequential([stage], log, env, lambda s: flags, self.resume,
-                                  check_done=job.global_rank == 0)
+                                  check_done=job.global_rank == 0, ignore_signals=self.job_signals())
         return ran
+
+    @staticmethod
+    def job_signals():
+        """Slurm's preemption SIGTERM and Submitit's requeue signal (USR2) reach every process of a
+        job step; as in dino's in-process pattern only this task reacts (checkpoint, requeue, then
+        it kills the stage); a stage dying first would fail the job instead of requeueing it."""
+        return (signal.SIGTERM, submitit.JobEnvironment._usr_sig())
 
     def checkpoint(self, *args, **kwargs):
         # pretrain resumes from its output_dir by itself; transfer stages get Detectron2's --resume

@@ -147,11 +147,21 @@ def test_local_pretrain_requeues_and_resumes(corpus, tmp_path):
     job, = submit.launch(args, submit.stages_for(args), log=lambda m: None)
     wait_for(lambda: (out / "checkpoint.pth").exists() or job.done(), 120, "the first checkpoint")
     assert not job.done(), job.stderr()
-    # what the local controller does at its timeout (Controller.wait): USR2 to every task
-    for pid in task_pids(job._process.pid):
+    # Slurm's preemption: SIGTERM to every process of the job (the stage must survive it), then
+    # Submitit's USR2, which the local controller also sends its tasks at a timeout (Controller.wait)
+    tasks = task_pids(job._process.pid)
+    stage_procs = [p for t in tasks for p in task_pids(t)]
+    assert tasks and stage_procs
+    for pid in tasks + stage_procs:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1)  # Slurm's grace time
+    for pid in stage_procs:
+        os.kill(pid, 0)  # still running (ProcessLookupError otherwise)
+    for pid in tasks:
         os.kill(pid, signal.SIGUSR2)
     job.result()  # raises if the job failed
     stdout = job.stdout()
+    assert "Bypassing signal SIGTERM" in job.stderr()
     assert "Requeued job" in stdout and "resume=True" in stdout
     resumed = re.findall(r"resumed from .* at iteration (\d+)", (out / "log.txt").read_text())
     assert resumed and int(resumed[0]) > 0  # from its checkpoint, not from scratch
