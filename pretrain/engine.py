@@ -18,7 +18,7 @@ QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_label_erro
                 "onehot_label_error")
 
 
-def build_data(cfg, rank, world):
+def build_data(cfg, device):
     """(dataset, per-step batch fn). The CPU path collates the batch dict in the loader;
     the GPU path decodes and augments raw JPEG bytes on the device (pretrain.gpu_augment)."""
     if cfg.data.pipeline == "gpu":
@@ -26,7 +26,7 @@ def build_data(cfg, rank, world):
         from pretrain.gpu_augment import GPUMultiCrop, RawJPEGFolder
 
         dataset = RawJPEGFolder(check_split_dir(cfg.data.root, "train"))
-        return dataset, RawJPEGFolder.collate, GPUMultiCrop.from_config(cfg)
+        return dataset, RawJPEGFolder.collate, GPUMultiCrop.from_config(cfg).to(device)
     from pretrain.data import build_train_dataset, collate_views
 
     return build_train_dataset(cfg), collate_views, None
@@ -130,18 +130,21 @@ def train(cfg):
         raise utils.UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
                               f"the {world} processes")
     local_batch = cfg.data.batch_size // world
-    dataset, collate, gpu_aug = build_data(cfg, rank, world)
+    dataset, collate, gpu_aug = build_data(cfg, device)
     ipe = len(dataset) // cfg.data.batch_size
     if ipe == 0:
         raise utils.UserError(f"{cfg.data.root}/train has {len(dataset)} images, fewer than "
                               f"data.batch_size={cfg.data.batch_size}: lower the batch size")
     total_iters = cfg.epochs * ipe
-    has_labels = getattr(dataset, "has_labels", False)
+    has_labels = bool(getattr(dataset, "classes", None))
 
     model = build_model(cfg).to(device)
-    if cfg.model.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     on_cuda = device.type == "cuda"
+    if cfg.model.sync_bn and world > 1:
+        if on_cuda:  # PyTorch's SyncBatchNorm runs on GPU modules only
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("model.sync_bn ignored on CPU (SyncBatchNorm needs CUDA)")
     if on_cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = cfg.optim.lr * cfg.data.batch_size / 256
