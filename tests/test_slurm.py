@@ -5,20 +5,33 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("submitit")
+submitit = pytest.importorskip("submitit")
 
-from slurm import pipeline, submit  # noqa: E402
+from slurm import pipeline, submit, tasks  # noqa: E402
+from slurm.tasks import StageJob  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # tiny pretraining: 32-px crops, batch 8, no kNN monitor; a checkpoint after every step
 TINY_PRETRAIN = ["data.crop=32", "mm.crops=[16]", "data.batch_size=8", "data.num_workers=0",
                  "model.queue=64", "knn.every_epochs=0", "log.progress=false", "log.tensorboard=false",
                  "checkpoint.every_iters=1"]
+
+ENV_PROBE = textwrap.dedent("""
+    import json, os, pathlib, sys, time
+    out, rank = pathlib.Path(sys.argv[1]), os.environ["RANK"]
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    (out / f"rank{rank}").write_text(json.dumps({k: os.environ[k] for k in keys}))
+    while rank == "0" and not (out / "rank1").exists():  # rank 0 ends last, as after a collective
+        time.sleep(0.05)
+    if rank == "0":
+        (out / "done").write_text("")
+""")
 
 
 def sbatch_lines(text):
@@ -86,6 +99,10 @@ def test_stages_layout_resume_flag_and_skip(tmp_path):
     assert cmd.index("--num-machines") < cmd.index("--resume") < cmd.index("OUTPUT_DIR")
     assert stages[-1].after == tuple(s.name for s in stages[2:4])
 
+    fresh = stages[3]  # a requeued fine-tune resumes with Detectron2's --resume
+    requeued = StageJob([fresh]).checkpoint().function
+    assert requeued.resume and "--resume" in fresh.command(resume=requeued.resume)
+
     marker = tmp_path / "ran.txt"
     write = (f"import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
              f"p.write_text('x'); open({str(marker)!r}, 'a').write('.')")
@@ -107,20 +124,22 @@ def test_bad_input_exits_2(capsys, tmp_path):
 
 def test_local_job_sets_the_distributed_env_per_task(tmp_path):
     """Two tasks of one local job: each process sees its own RANK, the same world and master."""
-    probe = ("import json, os, pathlib, sys; out = pathlib.Path(sys.argv[1]); "
-             "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'); "
-             "(out / ('rank' + os.environ['RANK'])).write_text(json.dumps({k: os.environ[k] for k in keys})); "
-             "os.environ['RANK'] == '0' and (out / 'done').write_text('')")
-    stage = pipeline.Stage("pretrain/probe", (sys.executable, "-c", probe, str(tmp_path)), str(tmp_path / "done"),
-                           kind="pretrain")
-    import submitit
-    from slurm.tasks import StageJob
+    stage = pipeline.Stage("pretrain/probe", (sys.executable, "-c", ENV_PROBE, str(tmp_path)),
+                           str(tmp_path / "done"), kind="pretrain")
     executor = submitit.AutoExecutor(tmp_path / "jobs", cluster="local")
     executor.update_parameters(tasks_per_node=2, timeout_min=2)
     executor.submit(StageJob([stage])).results()
     envs = [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "2"), ("1", "1", "2")]
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"] and envs[0]["MASTER_ADDR"] == envs[1]["MASTER_ADDR"]
+
+
+def test_multi_node_transfer_gets_detectron2_launch_flags():
+    node1 = SimpleNamespace(num_nodes=2, node=1, hostnames=["gpu-a", "gpu-b"], job_id="4242")
+    flags = tasks.transfer_flags(node1)
+    assert flags[:4] == ["--num-machines", "2", "--machine-rank", "1"]
+    assert flags[4] == "--dist-url" and flags[5] == f"tcp://gpu-a:{tasks.rendezvous_port('4242')}"
+    assert tasks.transfer_flags(SimpleNamespace(num_nodes=1)) == []  # launch() picks a local port
 
 
 def task_pids(controller_pid):
