@@ -270,26 +270,33 @@ _JITTER_OPS = (("brightness", adjust_brightness), ("contrast", adjust_contrast),
                ("saturation", adjust_saturation), ("hue", adjust_hue))
 
 
+def _to(t, x):
+    """A CPU parameter tensor onto x's device without a stream sync (pageable memory is staged)."""
+    return t.to(x.device, non_blocking=True)
+
+
 def color_jitter(x, params, spec=None):
-    """ColorJitter on the samples with params["jitter"], each in its own random op order."""
+    """ColorJitter on the samples with params["jitter"], each in its own random op order.
+    params live on the CPU: the index arithmetic never waits for the GPU."""
     idx = params["jitter"].nonzero().flatten()
     if len(idx) == 0:
         return x
-    y, order = x[idx], params["order"][idx]
+    y, order = x[_to(idx, x)], params["order"][idx]
     for step in range(4):
         for op, (name, fn) in enumerate(_JITTER_OPS):
             if spec is not None and getattr(spec, name) is None:
                 continue
             sel = (order[:, step] == op).nonzero().flatten()
             if len(sel):
-                y[sel] = fn(y[sel], params[name][idx][sel])
+                sel_d = _to(sel, x)
+                y[sel_d] = fn(y[sel_d], _to(params[name][idx][sel], x))
     x = x.clone()
-    x[idx] = y
+    x[_to(idx, x)] = y
     return x
 
 
 def random_grayscale(x, mask):
-    return torch.where(mask.view(-1, 1, 1, 1), TF.rgb_to_grayscale(x, 3), x)
+    return torch.where(_to(mask, x).view(-1, 1, 1, 1), TF.rgb_to_grayscale(x, 3), x)
 
 
 def gaussian_kernels(sigma, kernel_size):
@@ -303,7 +310,7 @@ def gaussian_kernels(sigma, kernel_size):
 def gaussian_blur(x, sigma, kernel_size):
     """Separable Gaussian blur with one sigma per sample: reflect padding, grouped convolution."""
     n, c, h, w = x.shape
-    k = gaussian_kernels(sigma.to(x), kernel_size).repeat_interleave(c, 0)    # [N*C, k]
+    k = gaussian_kernels(_to(sigma, x).to(x.dtype), kernel_size).repeat_interleave(c, 0)  # [N*C, k]
     pad = kernel_size // 2
     y = F.pad(x.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)
@@ -315,13 +322,13 @@ def random_blur(x, params, kernel_size):
     idx = params["blur"].nonzero().flatten()
     if len(idx) == 0:
         return x
-    x = x.clone()
-    x[idx] = gaussian_blur(x[idx], params["sigma"][idx], kernel_size)
+    x, idx_d = x.clone(), _to(idx, x)
+    x[idx_d] = gaussian_blur(x[idx_d], params["sigma"][idx], kernel_size)
     return x
 
 
 def random_flip(x, mask):
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(_to(mask, x).view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def sample_randaugment(n, num_ops, num_ops_space):
@@ -336,7 +343,8 @@ def randaugment_space(num_bins, hw):
 
 def rand_augment(x, ops, signs, magnitude, num_bins=31):
     """torchvision RandAugment(n, m) on uint8 [N, 3, S, S], per sample: each round applies every
-    (op, sign) group as one batched call of torchvision's own op (nearest, fill 0)."""
+    (op, sign) group as one batched call of torchvision's own op (nearest, fill 0).
+    ops, signs: [N, n] CPU tensors from sample_randaugment."""
     space = randaugment_space(num_bins, x.shape[-2:])
     names = list(space)
     x = x.clone()
@@ -348,6 +356,7 @@ def rand_augment(x, ops, signs, magnitude, num_bins=31):
                 sel = ((ops[:, rnd] == op) & (signs[:, rnd] == sign)).nonzero().flatten()
                 if len(sel):
                     m = -mag if (signed and sign) else mag
+                    sel = _to(sel, x)
                     x[sel] = _apply_op(x[sel], name, m, T.InterpolationMode.NEAREST, None)
     return x
 
@@ -379,6 +388,8 @@ class GPUMultiCrop(nn.Module):
     @torch.no_grad()
     def forward(self, data, device):
         device = torch.device(device)
+        if self.mean.device != device:   # the trainer may call a module it never moved
+            self.to(device)
         images = decode_jpegs(data, device, self.decoder)
         skipped = sum(im is None for im in images)
         if skipped == len(images):
@@ -403,7 +414,7 @@ class GPUMultiCrop(nn.Module):
 
     def augment(self, x, spec):
         """Weak (MoCo v2) augmentation, RandAugment for strong views, then normalisation."""
-        p = {k: v.to(x.device, non_blocking=True) for k, v in sample_view_params(len(x), spec).items()}
+        p = sample_view_params(len(x), spec)   # on the CPU; ops move what they need
         x = color_jitter(x, p, spec)
         x = random_grayscale(x, p["gray"])
         x = random_blur(x, p, spec.blur_kernel)
@@ -412,7 +423,7 @@ class GPUMultiCrop(nn.Module):
             n, m, bins = spec.randaugment
             ops, signs = sample_randaugment(len(x), n, len(randaugment_space(bins, x.shape[-2:])))
             x8 = x.mul(255).round_().to(torch.uint8)     # RandAugment acts on uint8, as on PIL
-            x = rand_augment(x8, ops.to(x.device), signs.to(x.device), m, bins).float().div_(255)
+            x = rand_augment(x8, ops, signs, m, bins).float().div_(255)
         return (x - self.mean) / self.std
 
 
