@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import submitit  # noqa: E402
 from submitit.slurm import slurm as submitit_slurm  # noqa: E402
 
-from slurm import pipeline  # noqa: E402
+from slurm import pipeline, tasks  # noqa: E402
 from slurm.tasks import StageJob  # noqa: E402
 
 CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
@@ -199,10 +199,9 @@ def launch(args, stages, log=print):
         return []
     if cluster != "slurm":  # one job on this machine runs the incomplete stages in order
         kind = "pretrain" if all(s.kind == "pretrain" for s in todo) else "transfer"
-        params = resources(args, kind)
-        if kind == "transfer" or len(todo) > 1:
-            params["tasks_per_node"] = 1  # stages run one after another in a single task
-        params["timeout_min"] = args.timeout_min
+        # a single task: torchrun / Detectron2 start the per-GPU processes (slurm.tasks), so that
+        # a requeue takes them all down together
+        params = dict(resources(args, kind), tasks_per_node=1, timeout_min=args.timeout_min)
         plan = [(args.command, kind, todo, ())]
     else:
         plan = slurm_plan(stages)
@@ -217,6 +216,9 @@ def launch(args, stages, log=print):
             log(sbatch_script(make_executor(args, cluster, name.replace("/", "_"), p, dep), len(group))
                 if cluster == "slurm" else f"# one {cluster} job on this machine: " +
                 ", ".join(f"{k}={v}" for k, v in p.items() if v is not None and not k.startswith("slurm_")))
+            if cluster != "slurm" and (args.gpus_per_node or 0) > 1:  # what StageJob will run
+                group = [tasks.with_torchrun(s, args.gpus_per_node) if s.kind == "pretrain" else s
+                         for s in group]
             log("\n".join("# runs: " + shlex.join(s.command()) for s in group))
             job_of.update((s.name, name) for s in group)
             continue
