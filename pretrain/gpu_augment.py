@@ -11,7 +11,6 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torchvision.datasets import DatasetFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
-from torchvision.transforms.autoaugment import _apply_op  # RandAugment's per-op dispatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -345,6 +344,9 @@ def rand_augment(x, ops, signs, magnitude, num_bins=31):
     """torchvision RandAugment(n, m) on uint8 [N, 3, S, S], per sample: each round applies every
     (op, sign) group as one batched call of torchvision's own op (nearest, fill 0).
     ops, signs: [N, n] CPU tensors from sample_randaugment."""
+    # RandAugment's own per-op dispatch (private, stable since torchvision 0.11); imported here
+    # so that a torchvision without it only breaks strong views, not the module
+    from torchvision.transforms.autoaugment import _apply_op
     space = randaugment_space(num_bins, x.shape[-2:])
     names = list(space)
     x = x.clone()
