@@ -9,6 +9,7 @@ Every row is fail-soft: an error prints as "error: ..." in its row and the rest 
 Only torch, torchvision, numpy, PIL, yaml and the pretrain package are imported.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data import ImageDataset, MultiCropTransform, collate_views  # noqa: E402
 from pretrain.engine import autocast_ctx, configure_determinism, to_device  # noqa: E402
-from pretrain.gpu_augment import GPUMultiCrop, RawJPEGFolder, gpu_batches  # noqa: E402
+from pretrain.gpu_augment import GPUMultiCrop, RawJPEGFolder, decode_jpegs, gpu_batches  # noqa: E402
 from pretrain.model import build_encoder, build_model  # noqa: E402
 
 METHODS = {"mocov2": "mocov2_r50_200ep.yaml", "sane": "sane_r50_200ep.yaml",
@@ -377,6 +378,19 @@ def run_data(bench, cfgs, root):
                                  a.iters + a.warmup, pin=False)   # nvJPEG reads pageable bytes
             return loop_img_s(a, loader, lambda data, labels: aug(data, dev), dev, warmup=a.warmup)
         bench.row("data", f"{name} GPU path (decode+augment on {dev.type})", gpu_path)
+
+    def decode_only(decoder="torchvision"):
+        loader = jpeg_loader(a, RawJPEGFolder(Path(root) / "train"), RawJPEGFolder.collate,
+                             a.iters + a.warmup, pin=False)
+        return loop_img_s(a, loader, lambda data, labels: decode_jpegs(data, dev, decoder), dev,
+                          warmup=a.warmup)
+    bench.row("data", f"decode only ({'nvJPEG' if dev.type == 'cuda' else 'CPU'})", decode_only)
+    if dev.type == "cuda":
+        if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
+            bench.row("data", "decode only (DALI mixed)", lambda: decode_only("dali"))
+        else:
+            bench.rows.append({"section": "data", "name": "decode only (DALI mixed)",
+                               "error": "skipped: NVIDIA DALI not installed"})
 
 
 def run_e2e(bench, cfgs, root):
