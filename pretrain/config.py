@@ -14,6 +14,7 @@ DEFAULTS = {
     "epochs": 200,
     "seed": 0,
     "device": "auto",            # auto (CUDA when available) | cpu | cuda
+    "cpu_threads": 0,            # >0: torch.set_num_threads on CPU (0 = PyTorch's default)
     "deterministic": False,      # bit-exact mode: deterministic kernels, num_workers 0
     "max_iters_this_run": 0,     # >0: stop (and checkpoint) after this many steps; resume later
     "compile": False,            # torch.compile the encoders

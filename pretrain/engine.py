@@ -124,6 +124,9 @@ def train(cfg):
         save_config(cfg, out / "config.yaml")
     log = utils.setup_logger(out, rank)
     configure_determinism(cfg)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        # leave cores to the loader workers: oversubscribed small CPUs run many times slower
+        torch.set_num_threads(cfg.cpu_threads)
     utils.seed_all(cfg.seed + rank)
 
     if cfg.data.batch_size % world:
