@@ -166,10 +166,9 @@ def sbatch_script(executor, array_size=None):
     return submitit_slurm._make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
 
 
-def slurm_plan(stages):
+def slurm_plan(todo):
     """Jobs to submit as (name, kind, stages, names they wait for): one per pretraining and
-    conversion, one job array per backbone's fine-tunes, one for the table; complete stages drop."""
-    todo = [s for s in stages if not s.done()]
+    conversion, one job array per backbone's fine-tunes, one for the table."""
     pending = {s.name for s in todo}
     jobs, arrays = [], {}
     for s in todo:
@@ -185,8 +184,28 @@ def slurm_plan(stages):
     return jobs
 
 
+def local_plan(args, todo):
+    """One job on this machine runs the incomplete stages in order, in a single task: torchrun and
+    Detectron2 start the per-GPU processes (slurm.tasks), so a requeue takes them down together."""
+    kind = "pretrain" if all(s.kind == "pretrain" for s in todo) else "transfer"
+    return [(args.command, kind, todo, ())], dict(resources(args, kind), tasks_per_node=1,
+                                                  timeout_min=args.timeout_min)
+
+
+def describe(args, cluster, executor_args, group, log):
+    """--dry-run: the sbatch script (Slurm) or the local job's shape, and the commands."""
+    if cluster == "slurm":
+        log(sbatch_script(make_executor(args, cluster, *executor_args), len(group)))
+    else:
+        shape = {k: v for k, v in executor_args[1].items() if v is not None and not k.startswith("slurm_")}
+        log(f"# one {cluster} job on this machine: " + ", ".join(f"{k}={v}" for k, v in shape.items()))
+        if (args.gpus_per_node or 0) > 1:  # what StageJob runs in a one-task job
+            group = [tasks.with_torchrun(s, args.gpus_per_node) if s.kind == "pretrain" else s for s in group]
+    log("\n".join("# runs: " + shlex.join(s.command()) for s in group))
+
+
 def launch(args, stages, log=print):
-    """Submit `stages` (or print them with --dry-run); returns the Submitit jobs."""
+    """Submit the incomplete `stages` (or describe them with --dry-run); returns the jobs."""
     cluster = args.cluster or ("slurm" if args.dry_run else submitit.AutoExecutor.which())
     os.environ["PYTHONPATH"] = os.pathsep.join(  # jobs unpickle slurm.tasks: the repo must import
         p for p in (str(pipeline.REPO), os.environ.get("PYTHONPATH")) if p)
@@ -197,40 +216,26 @@ def launch(args, stages, log=print):
     if not todo:
         log("nothing to do: every stage is complete")
         return []
-    if cluster != "slurm":  # one job on this machine runs the incomplete stages in order
-        kind = "pretrain" if all(s.kind == "pretrain" for s in todo) else "transfer"
-        # a single task: torchrun / Detectron2 start the per-GPU processes (slurm.tasks), so that
-        # a requeue takes them all down together
-        params = dict(resources(args, kind), tasks_per_node=1, timeout_min=args.timeout_min)
-        plan = [(args.command, kind, todo, ())]
-    else:
-        plan = slurm_plan(stages)
-        params = None
+    plan, local_params = local_plan(args, todo) if cluster != "slurm" else (slurm_plan(todo), None)
     job_of, jobs = {}, []  # stage name -> the id (dry run: the name) of the job that runs it
     for name, kind, group, after in plan:
         waits = sorted({job_of[a] for a in after})
         dep = "afterok:" + ":".join(waits) if waits else None
-        p = params or resources(args, kind)
-        if args.dry_run:  # a local executor would create its folder: only Slurm's is built
+        executor_args = (name.replace("/", "_"), local_params or resources(args, kind), dep)
+        if args.dry_run:  # (a local executor would already create its folder)
             log(f"# ---- job {name}" + (f" (after {', '.join(waits)})" if waits else ""))
-            log(sbatch_script(make_executor(args, cluster, name.replace("/", "_"), p, dep), len(group))
-                if cluster == "slurm" else f"# one {cluster} job on this machine: " +
-                ", ".join(f"{k}={v}" for k, v in p.items() if v is not None and not k.startswith("slurm_")))
-            if cluster != "slurm" and (args.gpus_per_node or 0) > 1:  # what StageJob will run
-                group = [tasks.with_torchrun(s, args.gpus_per_node) if s.kind == "pretrain" else s
-                         for s in group]
-            log("\n".join("# runs: " + shlex.join(s.command()) for s in group))
+            describe(args, cluster, executor_args, group, log)
             job_of.update((s.name, name) for s in group)
             continue
-        executor = make_executor(args, cluster, name.replace("/", "_"), p, dep)
+        executor = make_executor(args, cluster, *executor_args)
         if cluster == "slurm" and len(group) > 1:
-            with executor.batch():
+            with executor.batch():  # a job array
                 submitted = [executor.submit(StageJob([s])) for s in group]
         else:
             submitted = [executor.submit(StageJob(group))]
         job_id = str(submitted[0].job_id).split("_")[0]  # an array's id covers all its tasks
         job_of.update((s.name, job_id) for s in group)
-        log(f"submitted {name}: job {job_id}" + (f" ({len(group)} tasks)" if len(submitted) > 1 else "")
+        log(f"submitted {name}: job {job_id}" + (f" ({len(group)} array tasks)" if len(submitted) > 1 else "")
             + (f", {dep}" if dep else "") + f"; logs in {submitted[0].paths.folder}")
         jobs += submitted
     return jobs
@@ -244,7 +249,11 @@ def main(argv=None):
     except (UsageError, pipeline.PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jobs = launch(args, stages)
+    try:
+        jobs = launch(args, stages)
+    except submitit.core.utils.FailedSubmissionError as e:
+        print(f"error: sbatch refused the job: {e}", file=sys.stderr)
+        return 1
     if args.wait or args.cluster == "debug":
         for job in jobs:
             try:

@@ -83,6 +83,13 @@ def test_dry_run_transfer_array_and_pipeline_dependencies(capsys, tmp_path, imag
                     ("transfer/demo", "convert/demo"), ("results", "transfer/demo")]
     assert "#SBATCH --dependency=afterok:convert/demo" in out
 
+    (tmp_path / "pipe/pretrain/demo").mkdir(parents=True)  # pretraining complete: not resubmitted
+    (tmp_path / "pipe/pretrain/demo/done.json").write_text("{}")
+    out = dry_run(capsys, "pipeline", "--pretrain-config", "configs/pretrain/demo.yaml",
+                  "--data-root", str(image_root), "--out", str(tmp_path / "pipe"), "--cluster", "slurm")
+    jobs = re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", out, flags=re.M)
+    assert jobs[:2] == [("convert/demo", ""), ("transfer/demo", "convert/demo")]
+
 
 def test_stages_layout_resume_flag_and_skip(tmp_path):
     stages = pipeline.build_stages(["configs/pretrain/demo.yaml"], tmp_path / "img", tmp_path / "out",
