@@ -150,12 +150,14 @@ def test_view_params_distributed_as_torchvision():
     first = torch.bincount(p["order"][:, 0], minlength=4) / n      # randperm(4): uniform
     assert (first - 0.25).abs().max() < 0.02
     assert (p["order"].sort(1).values == torch.arange(4)).all()     # each row a permutation
-    ref = [T.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
-           for _ in range(2000)]
-    for j, key in enumerate(("brightness", "contrast", "saturation", "hue"), start=1):
-        r = torch.tensor([x[j] for x in ref])
-        assert p[key].min() >= r.min() - 0.01 and p[key].max() <= r.max() + 0.01
-        assert abs(p[key].mean() - r.mean()) < 0.01 and abs(p[key].std() - r.std()) < 0.01
+    # ColorJitter(0.4, 0.4, 0.4, 0.1) draws each factor uniformly from these ranges
+    jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    for key in ("brightness", "contrast", "saturation", "hue"):
+        lo, hi = getattr(jitter, key)
+        x = p[key].double()
+        assert lo <= x.min() and x.max() <= hi
+        assert abs(x.mean() - (lo + hi) / 2) < 4 * (hi - lo) / math.sqrt(12 * n)
+        assert abs(x.std() - (hi - lo) / math.sqrt(12)) < 0.02 * (hi - lo)
     assert 0.1 <= p["sigma"].min() and p["sigma"].max() <= 2.0
     assert abs(p["sigma"].mean() - 1.05) < 0.02
 
@@ -182,7 +184,7 @@ def test_outputs_distributed_as_cpu_path():
     rng = np.random.default_rng(0)
     array = np.kron(rng.integers(0, 256, (6, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
     data = jpeg_bytes(array)
-    n, size = 200, 32
+    n, size = 400, 32
     torch.manual_seed(0)
     cpu_tf = view_transform(size, (0.2, 1.0))
     pil = Image.open(io.BytesIO(data)).convert("RGB")
@@ -196,10 +198,10 @@ def test_outputs_distributed_as_cpu_path():
         x = x * std + mean
         return ((x[:, 0] - x[:, 1]).abs().amax((-2, -1)) < 2e-2).float().mean()
 
-    assert abs(gray_rate(cpu) - 0.2) < 0.07 and abs(gray_rate(gpu) - 0.2) < 0.07
+    assert abs(gray_rate(cpu) - 0.2) < 0.06 and abs(gray_rate(gpu) - 0.2) < 0.06  # 3 sd
     for stat in (lambda x: x.mean((-2, -1)), lambda x: x.std((-2, -1))):
         a, b = stat(cpu), stat(gpu)          # per-image statistics, [n, 3]
-        assert (a.mean(0) - b.mean(0)).abs().max() < 0.1
+        assert (a.mean(0) - b.mean(0)).abs().max() < 0.15
         assert (a.std(0) - b.std(0)).abs().max() < 0.1
 
 
