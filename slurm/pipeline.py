@@ -1,5 +1,6 @@
 """The suite as a list of stages (pretrain -> convert -> transfer over seeds -> results table),
 each a command line with the file that marks it complete; run in order or as Slurm jobs."""
+import contextlib
 import os
 import shlex
 import signal
@@ -109,18 +110,19 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
     log(f"[{stage.name}] {shlex.join(argv)}")
     environ = {**os.environ, **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), environ.get("PYTHONPATH")) if p)
-    # its own process group, so that leaving early takes down what it spawned too (torchrun's and
-    # Detectron2's workers): Submitit's requeue handler exits by raising SystemExit here
     def ignore():  # in the child, before exec: SIG_IGN is inherited by everything it starts
         for sig in ignore_signals:
             signal.signal(sig, signal.SIG_IGN)
 
+    # its own process group, so that leaving early takes down what it spawned too (torchrun's and
+    # Detectron2's workers): Submitit's requeue handler exits by raising SystemExit in wait()
     proc = subprocess.Popen(argv, cwd=REPO, env=environ, start_new_session=True,
                             preexec_fn=ignore if ignore_signals else None)
     try:
         code = proc.wait()
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     if code != 0:
