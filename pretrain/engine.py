@@ -87,7 +87,7 @@ def autocast_ctx(cfg, device):
     return contextlib.nullcontext()
 
 
-def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe):
+def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe, knn_top1=None):
     m = model.module if hasattr(model, "module") else model
     state = m.state_dict()
     utils.atomic_torch_save({
@@ -100,6 +100,7 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe):
         "iter": it,
         "config": cfg.to_dict(),
         "rng": utils.get_rng_state(),
+        "knn_top1": knn_top1,
     }, path)
 
 
@@ -156,14 +157,14 @@ def train(cfg):
                                 weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
 
-    it = 0
+    it, last_knn = 0, None
     ckpt_path = out / "checkpoint.pth"
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        it = ckpt["iter"]
+        it, last_knn = ckpt["iter"], ckpt.get("knn_top1")
         if world == 1:
             utils.set_rng_state(ckpt["rng"])
         else:
@@ -184,7 +185,11 @@ def train(cfg):
         from tqdm import tqdm
         progress = tqdm(total=total_iters, initial=it, dynamic_ncols=True, desc=cfg.method)
 
-    ran, last_knn, skipped_total = 0, None, 0
+    ran, skipped_total = 0, 0
+
+    def checkpoint(path):  # reads it and last_knn when called
+        save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe, last_knn)
+
     sums = {}
     timer = utils.Throughput()
     for epoch in range(it // ipe, cfg.epochs):
@@ -219,21 +224,20 @@ def train(cfg):
                 progress.update(1)
             if cfg.max_iters_this_run and ran >= cfg.max_iters_this_run:
                 if rank == 0:
-                    save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+                    checkpoint(ckpt_path)
                 log.info(f"stopping after {ran} iterations as max_iters_this_run asks; "
                          f"rerun the same command to resume")
                 finish(progress, metrics)
                 return None
             if cfg.checkpoint.every_iters and it % cfg.checkpoint.every_iters == 0 and rank == 0:
-                save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+                checkpoint(ckpt_path)
         done_epochs = epoch + 1
         if cfg.knn.every_epochs and (done_epochs % cfg.knn.every_epochs == 0 or done_epochs == cfg.epochs):
             last_knn = run_knn(cfg, model, device, rank, world, log, metrics, done_epochs, it)
         if rank == 0:
-            save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, it, ipe)
+            checkpoint(ckpt_path)
             if cfg.checkpoint.save_every_epochs and done_epochs % cfg.checkpoint.save_every_epochs == 0:
-                save_checkpoint(out / f"checkpoint_{done_epochs:04d}.pth", cfg, model, optimizer,
-                                scaler, it, ipe)
+                checkpoint(out / f"checkpoint_{done_epochs:04d}.pth")
     finish(progress, metrics)
     if rank == 0:
         utils.atomic_write_json(out / "done.json", {
