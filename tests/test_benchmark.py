@@ -57,6 +57,27 @@ def test_ratio_is_img_s_over_the_step_composition_ceiling(report):
     assert "ceiling_compiled" not in steps["sane"]   # no compile on CPU
 
 
+def test_compiled_rows_run_last_and_scale_the_ceiling(tmp_path, monkeypatch):
+    # torch.compile stands in as the identity: the row logic, not the compiler, is under test
+    monkeypatch.setattr(benchmark.torch, "compile", lambda m, **kw: m)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: None)
+    out = tmp_path / "c.json"
+    benchmark.main(TOY + ["--sections", "ceiling,step", "--compile", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    names = [r["name"] for r in rep["rows"]]
+    assert names[-2:] == ["resnet18 fwd+bwd 32px compiled", "sane (tensors on device) compiled"]
+    speedup = rep["ceiling"]["compile_speedup"]
+    assert speedup == pytest.approx(rep["rows"][-2]["img_s"] / rep["ceiling"]["fwd_bwd"]["32"])
+    for r in rep["rows"]:
+        if r["section"] == "step":
+            assert r["ceiling_compiled"] == pytest.approx(r["ceiling_eager"] * speedup)
+    late = benchmark.main(TOY + ["--sections", "ceiling", "--compile", "--budget-s", "0",
+                                 "--json", str(out)])
+    assert late == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["error"].startswith("skipped") for r in rows)
+
+
 def test_a_failing_piece_is_reported_and_the_rest_runs(tmp_path, monkeypatch, capsys):
     def broken(cfg):
         raise RuntimeError("nvjpeg exploded")

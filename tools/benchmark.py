@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, help="JPEGs to generate (default 2048; --cpu 32)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
     p.add_argument("--budget-s", type=float, default=300.0,
-                   help="skip the remaining compiled rows once this many seconds have passed")
+                   help="skip compiled rows (run last) that would start after this many seconds, "
+                        "and any row after 1.5x it")
     p.add_argument("--json", help="write every number here (JSON, rewritten after each row)")
     args = p.parse_args(argv)
     tiny = args.cpu
@@ -248,20 +249,19 @@ class Bench:
     def elapsed(self):
         return time.perf_counter() - self.t0
 
-    def row(self, section, name, fn, ceiling=None):
-        """fn() -> img/s; ceiling() -> (eager, compiled-or-None) img/s of the same composition."""
+    def row(self, section, name, fn, composition=None):
+        """fn() -> img/s. composition: (batch, q/k size, MM sizes) of a step, whose ceiling and
+        ratio the report computes from the ceiling rows (measured before or after this row)."""
         r = {"section": section, "name": name}
-        if name.endswith("compiled") and self.elapsed() > self.args.budget_s:
-            r["error"] = f"skipped: past --budget-s {self.args.budget_s:.0f}"
+        if composition is not None:
+            r["composition"] = dict(zip(("batch", "size", "mm"), composition))
+        budget = self.args.budget_s * (1 if name.endswith("compiled") else 1.5)
+        if self.elapsed() > budget:
+            r["error"] = f"skipped: past {budget:.0f} s (--budget-s)"
         else:
             t = time.perf_counter()
             try:
                 r["img_s"] = float(fn())
-                if ceiling is not None:
-                    eager, comp = ceiling()
-                    r["ceiling_eager"], r["ratio_eager"] = eager, r["img_s"] / eager
-                    if comp:
-                        r["ceiling_compiled"], r["ratio_compiled"] = comp, r["img_s"] / comp
             except Exception as e:  # noqa: BLE001 - fail-soft: one row's error, the run goes on
                 traceback.print_exc()
                 where = traceback.extract_tb(e.__traceback__)[-1]
@@ -289,23 +289,33 @@ class Bench:
     def report(self):
         a = self.args
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        rows = [dict(r, **self.ratios(r)) for r in self.rows]
         return {"device": dev, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "torch": torch.__version__, "cpu_cores": os.cpu_count(),
                 "args": {k: v for k, v in vars(a).items()}, "ceiling": self.ceiling,
-                "rows": self.rows, "wall_s": round(self.elapsed(), 1)}
+                "rows": rows, "wall_s": round(self.elapsed(), 1)}
 
-    # -- the ceiling of a step: query fwd+bwd, key fwd, MM crops fwd+bwd, at their sizes
-    def composition(self, cfg):
-        b = cfg.data.batch_size
-        crops = cfg.mm.crops if cfg.mm.enabled else []
+    def ratios(self, r):
+        """The ceiling of a step: query fwd+bwd and key fwd at its size, fwd+bwd of each MM crop;
+        compiled = eager x the compile speed-up measured at the q/k size."""
+        c, out = r.get("composition"), {}
+        fb, f = self.ceiling.get("fwd_bwd", {}), self.ceiling.get("fwd", {})
+        sizes = [c["size"]] + c["mm"] if c else []
+        if "img_s" not in r or not c or not all(str(s) in fb for s in sizes) or str(c["size"]) not in f:
+            return out
+        b = c["batch"]
+        t = b / fb[str(c["size"])] + b / f[str(c["size"])] + sum(b / fb[str(s)] for s in c["mm"])
+        out["ceiling_eager"] = b / t
+        out["ratio_eager"] = r["img_s"] / out["ceiling_eager"]
+        speedup = self.ceiling.get("compile_speedup")
+        if speedup:
+            out["ceiling_compiled"] = out["ceiling_eager"] * speedup
+            out["ratio_compiled"] = r["img_s"] / out["ceiling_compiled"]
+        return out
 
-        def ceiling():
-            fb, f = self.ceiling["fwd_bwd"], self.ceiling["fwd"]
-            t = b / fb[str(cfg.data.crop)] + b / f[str(cfg.data.crop)] + sum(b / fb[str(c)] for c in crops)
-            eager = b / t
-            speedup = self.ceiling.get("compile_speedup")  # measured at the q/k size only
-            return eager, eager * speedup if speedup else None
-        return ceiling
+
+def composition(cfg):
+    return cfg.data.batch_size, cfg.data.crop, list(cfg.mm.crops) if cfg.mm.enabled else []
 
 
 def run_ceiling(bench, sizes):
@@ -321,22 +331,6 @@ def run_ceiling(bench, sizes):
         bench.row("ceiling", f"{a.arch} fwd+bwd {size}px eager", measure)
     if str(a.size) in f:
         bench.row("ceiling", f"{a.arch} fwd {a.size}px eager", lambda: f[str(a.size)])
-    if a.compile:
-        comp = {}
-
-        def measure_compiled():
-            train, forward = ceiling_fns(a, dev, a.size, compiled=True)
-            comp["fb"] = a.batch_size / seconds_per_iter(train, a.iters, a.warmup, dev)
-            comp["f"] = a.batch_size / seconds_per_iter(forward, a.iters, a.warmup, dev)
-            bench.ceiling["fwd_bwd_compiled"] = {str(a.size): comp["fb"]}
-            bench.ceiling["fwd_compiled"] = {str(a.size): comp["f"]}
-            # one factor for the whole composition: compiling every crop size costs minutes
-            if str(a.size) in fb:
-                bench.ceiling["compile_speedup"] = comp["fb"] / fb[str(a.size)]
-            return comp["fb"]
-        bench.row("ceiling", f"{a.arch} fwd+bwd {a.size}px compiled", measure_compiled)
-        if "f" in comp:
-            bench.row("ceiling", f"{a.arch} fwd {a.size}px compiled", lambda: comp["f"])
 
 
 def run_steps(bench, cfgs):
@@ -345,14 +339,7 @@ def run_steps(bench, cfgs):
         def measure(name=name, cfg=cfg):
             step, batch = bench.step(name, cfg), random_batch(cfg, dev)
             return a.batch_size / seconds_per_iter(lambda: step(*batch), a.iters, a.warmup, dev)
-        bench.row("step", f"{name} (tensors on device)", measure, bench.composition(cfg))
-    if a.compile and "sane" in cfgs:
-        cfg = cfgs["sane"]
-
-        def measure_compiled():
-            step, batch = bench.step("sane", cfg, compiled=True), random_batch(cfg, dev)
-            return a.batch_size / seconds_per_iter(lambda: step(*batch), a.iters, a.warmup, dev)
-        bench.row("step", "sane (tensors on device) compiled", measure_compiled, bench.composition(cfg))
+        bench.row("step", f"{name} (tensors on device)", measure, composition(cfg))
 
 
 def cpu_dataset(cfg, root):
@@ -393,17 +380,48 @@ def run_data(bench, cfgs, root):
                                "error": "skipped: NVIDIA DALI not installed"})
 
 
+def e2e_prefetch(bench, name, cfg, ds, compiled=False):
+    a, dev = bench.args, bench.device
+    step, aug = bench.step(name, cfg, compiled), GPUMultiCrop.from_config(cfg).to(dev)
+    loader = jpeg_loader(a, ds, RawJPEGFolder.collate, a.iters + a.warmup, pin=False)
+    return loop_img_s(a, gpu_batches(loader, aug, dev), step, dev, warmup=a.warmup)
+
+
+def run_compiled(bench, cfgs, root):
+    """Last, as each compile costs a minute or more: the ceiling at the q/k size (its speed-up
+    scales every composition ceiling) and SANE-Single's step and end to end (one compile)."""
+    a, dev = bench.args, bench.device
+    fb = bench.ceiling.setdefault("fwd_bwd", {})
+
+    def ceiling_compiled():
+        train, _ = ceiling_fns(a, dev, a.size, compiled=True)
+        img_s = a.batch_size / seconds_per_iter(train, a.iters, a.warmup, dev)
+        bench.ceiling["fwd_bwd_compiled"] = {str(a.size): img_s}
+        if str(a.size) in fb:
+            bench.ceiling["compile_speedup"] = img_s / fb[str(a.size)]
+        return img_s
+    bench.row("ceiling", f"{a.arch} fwd+bwd {a.size}px compiled", ceiling_compiled)
+    if "sane" not in cfgs:
+        return
+    cfg = cfgs["sane"]
+
+    def step_compiled():
+        step, batch = bench.step("sane", cfg, compiled=True), random_batch(cfg, dev)
+        return a.batch_size / seconds_per_iter(lambda: step(*batch), a.iters, a.warmup, dev)
+    if "step" in a.sections:
+        bench.row("step", "sane (tensors on device) compiled", step_compiled, composition(cfg))
+    if "e2e" in a.sections and root:
+        ds = RawJPEGFolder(Path(root) / "train")
+        bench.row("e2e", "sane GPU path, side-stream prefetch compiled",
+                  lambda: e2e_prefetch(bench, "sane", cfg, ds, compiled=True), composition(cfg))
+
+
 def run_e2e(bench, cfgs, root):
     a, dev = bench.args, bench.device
     ds = RawJPEGFolder(Path(root) / "train")
     for name, cfg in cfgs.items():
-        for compiled in ([False, True] if a.compile and name == "sane" else [False]):
-            def e2e(name=name, cfg=cfg, compiled=compiled):
-                step, aug = bench.step(name, cfg, compiled), GPUMultiCrop.from_config(cfg).to(dev)
-                loader = jpeg_loader(a, ds, RawJPEGFolder.collate, a.iters + a.warmup, pin=False)
-                return loop_img_s(a, gpu_batches(loader, aug, dev), step, dev, warmup=a.warmup)
-            label = f"{name} GPU path, side-stream prefetch" + (" compiled" if compiled else "")
-            bench.row("e2e", label, e2e, bench.composition(cfg))
+        bench.row("e2e", f"{name} GPU path, side-stream prefetch",
+                  lambda name=name, cfg=cfg: e2e_prefetch(bench, name, cfg, ds), composition(cfg))
     if "sane" in cfgs:
         cfg = cfgs["sane"]
 
@@ -411,13 +429,13 @@ def run_e2e(bench, cfgs, root):
             step, aug = bench.step("sane", cfg), GPUMultiCrop.from_config(cfg).to(dev)
             loader = jpeg_loader(a, ds, RawJPEGFolder.collate, a.iters + a.warmup)
             return loop_img_s(a, ((aug(d, dev), lab) for d, lab in loader), step, dev, warmup=a.warmup)
-        bench.row("e2e", "sane GPU path, inline (as engine)", e2e_inline, bench.composition(cfg))
+        bench.row("e2e", "sane GPU path, inline (as engine)", e2e_inline, composition(cfg))
 
         def e2e_cpu():
             step = bench.step("sane", cfg)
             loader = jpeg_loader(a, cpu_dataset(cfg, root), collate_views, max(2, a.iters // 2) + 1)
             return loop_img_s(a, loader, step, dev, warmup=1)
-        bench.row("e2e", f"sane CPU path ({a.workers} workers)", e2e_cpu, bench.composition(cfg))
+        bench.row("e2e", f"sane CPU path ({a.workers} workers)", e2e_cpu, composition(cfg))
 
 
 # ---------------------------------------------------------------- table
@@ -470,6 +488,8 @@ def main(argv=None):
             run_data(bench, cfgs, root)
         if "e2e" in args.sections and root:
             run_e2e(bench, cfgs, root)
+        if args.compile and set(args.sections) & {"ceiling", "step", "e2e"}:
+            run_compiled(bench, cfgs, root)
     bench.save()
     print(table(bench.report()))
     return 0
