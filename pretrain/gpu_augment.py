@@ -20,7 +20,8 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg", ".png")  # ImageNet hides a few PNG/CMYK fil
 class RawJPEGFolder(DatasetFolder):
     """ImageFolder tree (root/<class>/*.jpg) yielding (encoded bytes as a uint8 1-D tensor, label).
 
-    Workers only read files, so 16 CPU cores are never the bottleneck; decoding happens on the GPU.
+    DataLoader workers only read files; GPUMultiCrop decodes on the device. Batch it with
+    `collate` (the default collate cannot ship read_file's tensors between processes).
     """
 
     def __init__(self, root):
@@ -390,6 +391,8 @@ class GPUMultiCrop(nn.Module):
     @torch.no_grad()
     def forward(self, data, device):
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.mean.device != device:   # the trainer may call a module it never moved
             self.to(device)
         images = decode_jpegs(data, device, self.decoder)
