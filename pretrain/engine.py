@@ -1,6 +1,7 @@
 """The pretraining loop: DDP, bf16 autocast, cosine SGD, atomic checkpoints with automatic
 resume, metrics (train loss, kNN, SLR label quality) and done.json at the end."""
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -275,6 +276,10 @@ def log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped_tot
     """Average the step statistics since the last call (one host sync) and write them."""
     n = sums.pop("_n")
     vals = {k: (v / n).item() for k, v in sums.items()}
+    if not math.isfinite(vals["loss"]):
+        # checked here, not per step, to keep the step free of host syncs
+        raise FloatingPointError(f"non-finite loss {vals['loss']} by iteration {it} (epoch {epoch}): "
+                                 "check the input batches (data.pipeline) and optim.lr")
     rate = timer.rate()
     rec = {"type": "train", "epoch": epoch, "iter": it, "lr": lr, "mu": mu, "img_per_s": rate,
            "skipped_images": skipped_total}

@@ -281,3 +281,13 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
     # 3 steps x global batch 8 keys gathered from both processes
     assert ckpt["queue"]["queue_ptr"].item() == 24
     assert (ckpt["queue"]["queue_labels"] >= 0).sum().item() == 24
+
+
+def test_non_finite_loss_stops_at_the_next_log(tmp_path):
+    from pretrain.engine import log_step
+    from pretrain.utils import MetricLogger, Throughput
+
+    sums = {"loss": torch.tensor(float("nan")), "_n": 2}
+    with pytest.raises(FloatingPointError, match="iteration 7"):
+        log_step(MetricLogger(tmp_path, tensorboard=False), None, None, sums, 0, 7, 0.1, 0.0,
+                 Throughput(), 0)
