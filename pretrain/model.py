@@ -37,11 +37,12 @@ def build_encoder(arch, dim, head_depth, head_hidden):
 def load_backbone_state(ckpt_path):
     """Backbone weights (torchvision names, no fc) of a pretraining checkpoint.
 
-    Reads checkpoint["model"] (or a bare state dict), keeps "encoder_q.*" minus the head;
-    a plain torchvision state dict is accepted too. Loaded with weights_only=True.
+    Reads checkpoint["model"] (ours), checkpoint["state_dict"] (facebookresearch/moco) or a
+    bare state dict, keeps "encoder_q.*" minus the head; a plain torchvision state dict is
+    accepted too. Loaded with weights_only=True.
     """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k.startswith("encoder_q.") for k in state):
         state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
