@@ -11,7 +11,6 @@ Only torch, torchvision, numpy, PIL, yaml and the pretrain package are imported.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import tempfile
@@ -265,7 +264,8 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - fail-soft: one row's error, the run goes on
                 traceback.print_exc()
                 where = traceback.extract_tb(e.__traceback__)[-1]
-                msg = str(e).splitlines()[0] if str(e).strip() else f"at {Path(where.filename).name}:{where.lineno}"
+                msg = (str(e).splitlines()[0] if str(e).strip()
+                       else f"at {Path(where.filename).name}:{where.lineno}")
                 r["error"] = f"error: {type(e).__name__}: {msg}"[:160]
             finally:
                 if self.device.type == "cuda":
@@ -457,7 +457,8 @@ def table(report):
             cells = [fmt(r["img_s"], ".1f"), fmt(r.get("ceiling_eager"), ".1f"),
                      fmt(r.get("ratio_eager"), ".2f"), fmt(r.get("ceiling_compiled"), ".1f"),
                      fmt(r.get("ratio_compiled"), ".2f")]
-        lines.append(f"| {r['section']} | {r['name']} | " + " | ".join(cells) + f" | {r.get('seconds', '')} |")
+        cells.append(str(r.get("seconds", "")))
+        lines.append(f"| {r['section']} | {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
