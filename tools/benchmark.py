@@ -29,7 +29,16 @@ from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data import ImageDataset, MultiCropTransform, collate_views  # noqa: E402
-from pretrain.engine import autocast_ctx, configure_determinism, to_device  # noqa: E402
+try:   # the trainer's own loop pieces; should they move, every other row still runs
+    from pretrain.engine import autocast_ctx, configure_determinism, to_device  # noqa: E402
+except ImportError as _engine_error:
+    def configure_determinism(cfg, _e=_engine_error):
+        print(f"pretrain.engine unavailable ({_e}): cuDNN/TF32 defaults", file=sys.stderr)
+
+    def autocast_ctx(cfg, device, _e=_engine_error):
+        raise ImportError(f"pretrain.engine: {_e}")
+
+    to_device = autocast_ctx
 from pretrain.gpu_augment import GPUMultiCrop, RawJPEGFolder, decode_jpegs, gpu_batches  # noqa: E402
 from pretrain.model import build_encoder, build_model  # noqa: E402
 
