@@ -58,7 +58,7 @@ def main(argv=None):
     out = Path(args.out).resolve()
     start = time.time()
 
-    corpus = out / "corpus"
+    corpus = out / "shapes"  # the folder name is the pretraining task's name in the table
     if (corpus / "corpus.json").is_file():
         print(f"[corpus] complete: {corpus}")
     else:

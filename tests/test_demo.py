@@ -1,0 +1,44 @@
+"""`make demo`'s plan: every backbone is pretrained, converted and fine-tuned over the seeds,
+random init included, and each stage reads only what an earlier stage writes."""
+from pathlib import Path
+
+from tools.demo import BACKBONES, RANDOM_INIT, build_demo_stages
+
+
+def test_demo_plan_covers_every_backbone_and_seed(tmp_path):
+    stages = build_demo_stages(tmp_path, tmp_path / "shapes", seeds=2)
+    names = [s.name for s in stages]
+    for b in BACKBONES:
+        assert f"pretrain/{b}" in names and f"convert/{b}" in names
+    transfers = [s for s in stages if s.name.startswith("transfer/")]
+    assert len(transfers) == 2 * (len(BACKBONES) + 1)
+    assert {s.name.split("/")[1] for s in transfers} == {*BACKBONES, RANDOM_INIT}
+    assert len({s.done_file for s in stages}) == len(stages)  # no two stages share an output
+    # random init fine-tunes from nothing; the others from their own converted weights
+    for s in transfers:
+        weights = s.opts[s.opts.index("MODEL.WEIGHTS") + 1]
+        backbone = s.name.split("/")[1]
+        if backbone == RANDOM_INIT:
+            assert weights == ""
+        else:
+            assert weights == str(tmp_path / "weights" / f"{backbone}.pkl")
+            assert names.index(f"convert/{backbone}") < names.index(s.name)
+
+
+def test_mocov2_backbone_switches_off_both_sane_modules():
+    opts = dict(o.split("=", 1) for o in BACKBONES["demo_mocov2"])
+    assert opts == {"method": "mocov2", "slr.enabled": "false", "mm.enabled": "false",
+                    "model.in_batch_negatives": "false"}
+    assert BACKBONES["demo_sane"] == ()  # configs/pretrain/demo.yaml is SANE itself
+
+
+def test_complete_stages_are_skipped_on_a_second_run(tmp_path):
+    from slurm.pipeline import run_sequential
+
+    stages = build_demo_stages(tmp_path, tmp_path / "shapes", seeds=1)
+    for s in stages:
+        Path(s.done_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.done_file).write_text("{}")
+    lines = []
+    assert run_sequential(stages, log=lines.append) == []
+    assert all("complete" in line for line in lines) and len(lines) == len(stages)
