@@ -23,6 +23,7 @@ DEFAULTS = {
     "data": {
         "root": "",              # ImageFolder root: train/<class>/*.jpg, optional val/
         "pipeline": "cpu",       # cpu | gpu (pretrain.gpu_augment)
+        "gpu_decoder": "torchvision",  # gpu pipeline's JPEG decoder: torchvision (nvJPEG) | dali
         "crop": 224,             # q / k crop size
         "scale": [0.2, 1.0],     # RandomResizedCrop scale of q, k (and MM crops of size `crop`)
         "small_scale": [0.086, 0.429],  # scale of smaller MM crops (CLSA)
@@ -179,6 +180,8 @@ def validate(cfg):
     src = "config"
     if cfg.data.pipeline not in ("cpu", "gpu"):
         raise UserError(f"{src}: data.pipeline must be cpu or gpu, got {cfg.data.pipeline!r}")
+    if cfg.data.gpu_decoder not in ("torchvision", "dali"):
+        raise UserError(f"{src}: data.gpu_decoder must be torchvision or dali, got {cfg.data.gpu_decoder!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"{src}: device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.amp not in ("bf16", "none"):

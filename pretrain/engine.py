@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import utils
 from pretrain.config import save_config
+from pretrain.gpu_augment import gpu_batches
 from pretrain.losses import mu_schedule
 from pretrain.model import build_model
 
@@ -45,10 +46,14 @@ def epoch_loader(cfg, dataset, collate, epoch, skip_batches, rank, world, local_
     g = torch.Generator()
     g.manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
     workers = 0 if cfg.deterministic else cfg.data.num_workers
+    gpu_path = cfg.data.pipeline == "gpu"
+    # GPU path: workers only read bytes, which nvJPEG parses on the host (pinning them is wasted
+    # copies), and a batch is ~100x smaller than decoded views, so workers can run further ahead
+    extra = {"prefetch_factor": 4} if gpu_path and workers > 0 else {}
     return DataLoader(dataset, batch_size=local_batch, sampler=indices, num_workers=workers,
-                      collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
-                      worker_init_fn=utils.seed_worker, generator=g,
-                      persistent_workers=False)
+                      collate_fn=collate, pin_memory=torch.cuda.is_available() and not gpu_path,
+                      drop_last=True, worker_init_fn=utils.seed_worker, generator=g,
+                      persistent_workers=False, **extra)
 
 
 def knn_eval(cfg, model, device, rank, world):
@@ -195,14 +200,14 @@ def train(cfg):
     timer = utils.Throughput()
     for epoch in range(it // ipe, cfg.epochs):
         loader = epoch_loader(cfg, dataset, collate, epoch, it - epoch * ipe, rank, world, local_batch)
+        if gpu_aug is not None:   # decode + augment batch n+1 on a side stream while step n runs
+            loader = gpu_batches(loader, gpu_aug, device)
         net.train()
         for batch, labels in loader:
             lr = utils.cosine_lr(base_lr, it, total_iters, cfg.optim.warmup_epochs * ipe)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mu = mu_schedule(it, total_iters, cfg.slr.mu_start, cfg.slr.mu_end)
-            if gpu_aug is not None:
-                batch = gpu_aug(batch, device)
             skipped_total += int(batch.get("skipped", 0))
             im_q, im_k, mm = (to_device(batch[n], device, cfg) for n in ("q", "k", "mm"))
             labels = labels.to(device, non_blocking=True) if has_labels else None

@@ -1,5 +1,24 @@
 """GPU data path for pretraining: JPEG bytes -> nvJPEG decode -> batched MoCo v2 / RandAugment views.
-Same batch dict and same parameter distributions as the CPU path (pretrain/data.py), per-sample randomness."""
+Same batch dict and same parameter distributions as the CPU path (pretrain/data.py), per-sample randomness.
+
+Issue 7 follow-up (NaN loss from step 1 and ~190 img/s with data.pipeline=gpu on an H200; found by
+reading and CPU simulation, unverified on a GPU):
+- NaN: torchvision's CUDA decode_jpeg allocates its outputs on the caller's stream, then lets nvJPEG
+  (hardware engine on A100/H100/H200) write them from a private stream that does not wait for the
+  caller's stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The caching allocator hands it
+  blocks just freed by the trainer's step (activations, gradients) whose queued kernels have not
+  read them yet, so the step reads JPEG pixels: NaN or wrong numbers in code that never saw the
+  decoder. Fix: drain the current stream before decoding (`decode_jpegs`); under `gpu_batches`
+  that is the side stream, so the step on the main stream keeps running.
+- Robustness: forward runs in float32 with autocast off whatever the caller's context; crops far
+  larger than their output are area-reduced first (CUDA's antialiased resize refuses factors near
+  ~90: "Too much shared memory required"); non-JPEG files (PNG behind .JPEG) skip the nvJPEG batch.
+- Speed: the engine's `cudnn.benchmark=True` re-tuned the blur's grouped convolution for every new
+  random count of blurred samples (and RandAugment's sharpness conv): forward turns autotuning off.
+  The engine now uses `gpu_batches` (augment n+1 on a side stream during step n), and its loader
+  no longer pins the byte tensors (nvJPEG reads them on the host).
+"""
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -101,18 +120,37 @@ def decode_jpegs(data, device, decoder="torchvision"):
         return [_decode_cpu(d) for d in data]
     if decoder == "dali":
         return _dali_decode(data, device)
+    # nvJPEG writes its outputs, allocated on the current stream, without waiting for that
+    # stream: no queued kernel may still read a block the allocator can hand out (module docstring)
+    torch.cuda.current_stream(device).synchronize()
+    jpeg = [i for i, d in enumerate(data) if _is_jpeg(d)]   # a PNG would fail the whole batch
+    images = [None] * len(data)
     try:
-        return list(decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device))
-    except Exception:  # noqa: BLE001 - any nvJPEG refusal: retry image by image
-        return [_decode_one(d, device) for d in data]
+        decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device) if jpeg else []
+        for i, im in zip(jpeg, decoded):
+            images[i] = im
+    except Exception:  # noqa: BLE001 - any nvJPEG refusal (CMYK, old torchvision): image by image
+        for i in jpeg:
+            images[i] = _decode_one(data[i], device)
+    for i in set(range(len(data))) - set(jpeg):
+        images[i] = _upload(_decode_cpu(data[i]), device)
+    return images
+
+
+def _is_jpeg(data):
+    return len(data) > 2 and data[:2].tolist() == [0xFF, 0xD8]   # SOI marker
 
 
 def _decode_one(data, device):
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except Exception:  # noqa: BLE001
-        im = _decode_cpu(data)
-        return None if im is None else im.to(device, non_blocking=True)
+        return _upload(_decode_cpu(data), device)
+
+
+def _upload(im, device):
+    """A CPU-decoded image onto the device (pageable memory: safe to drop right after)."""
+    return None if im is None else im.to(device, non_blocking=True)
 
 
 def _decode_cpu(data):
@@ -210,16 +248,26 @@ def sample_view_params(n, spec):
 
 
 # ---------------------------------------------------------------- batched ops, per-sample parameters
+MAX_AA_FACTOR = 32   # CUDA's antialiased bilinear needs shared memory ~ factor: fails near 90
+
+
 def resized_crops(image, boxes, size):
     """Crop each (top, left, h, w) box of one float [3, H, W] image and resize it to size x size:
     torchvision's resized_crop (bilinear, antialias = PIL's filter) for all boxes of one image.
 
     Boxes stay on the CPU (no device sync); one interpolate per box is cheaper on the GPU than
-    padding a batch of differently sized images, and exact where roi_align is not.
+    padding a batch of differently sized images, and exact where roi_align is not. A box more than
+    MAX_AA_FACTOR times the output is area-averaged down to that factor first (huge photos).
     """
-    return torch.cat([F.interpolate(image[None, :, t:t + h, l:l + w], size=(size, size),
-                                    mode="bilinear", align_corners=False, antialias=True)
-                      for t, l, h, w in boxes.tolist()])
+    out = []
+    for t, l, h, w in boxes.tolist():
+        crop = image[None, :, t:t + h, l:l + w]
+        cap = MAX_AA_FACTOR * size
+        if h > cap or w > cap:
+            crop = F.adaptive_avg_pool2d(crop, (min(h, cap), min(w, cap)))
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=True))
+    return torch.cat(out)
 
 
 def _blend(x, y, f):
@@ -379,13 +427,15 @@ class GPUMultiCrop(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_config(cls, cfg, decoder="torchvision"):
+    def from_config(cls, cfg, decoder=None):
         """The views of the trainer config, read off the CPU path's own transforms
-        (pretrain.data.MultiCropTransform), so both paths use the same parameters."""
+        (pretrain.data.MultiCropTransform), so both paths use the same parameters;
+        the decoder is data.gpu_decoder unless given."""
         from pretrain.data import MultiCropTransform
         d, mm = cfg["data"], cfg["mm"]
         crops = list(mm["crops"]) if mm["enabled"] else []
         tf = MultiCropTransform(d["crop"], d["scale"], d["small_scale"], crops, d["strong_mm"])
+        decoder = decoder or d.get("gpu_decoder", "torchvision")
         return cls(view_spec(tf.view), [view_spec(t) for t in tf.mm], decoder)
 
     @torch.no_grad()
@@ -395,6 +445,12 @@ class GPUMultiCrop(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         if self.mean.device != device:   # the trainer may call a module it never moved
             self.to(device)
+        # float32 whatever the caller's autocast (bf16 blur/resize would shift pixel values), and
+        # no cuDNN autotuning: the blurred subset's size is random, each new shape would re-tune
+        with torch.autocast(device.type, enabled=False), _cudnn_autotune(False):
+            return self._views(data, device)
+
+    def _views(self, data, device):
         images = decode_jpegs(data, device, self.decoder)
         skipped = sum(im is None for im in images)
         if skipped == len(images):
@@ -430,6 +486,16 @@ class GPUMultiCrop(nn.Module):
             x8 = x.mul(255).round_().to(torch.uint8)     # RandAugment acts on uint8, as on PIL
             x = rand_augment(x8, ops, signs, m, bins).float().div_(255)
         return (x - self.mean) / self.std
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(on):
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def gpu_batches(loader, augment, device):
