@@ -251,3 +251,108 @@ def test_cuda_decode_and_views_match_cpu():
     out = ga.GPUMultiCrop.from_config(load_config())(data, "cuda")
     assert out["q"].is_cuda and out["mm"][0].shape == (4, 3, 96, 96)
     assert math.isfinite(float(out["q"].sum()))
+
+
+# ---------------------------------------------------------------- issue 7 follow-up: NaN on CUDA
+class FakeStream:
+    def __init__(self, log):
+        self.log = log
+
+    def synchronize(self):
+        self.log.append("sync")
+
+
+def test_cuda_decode_drains_the_current_stream_first(monkeypatch):
+    """nvJPEG writes blocks that queued kernels of the caller's stream may still read: the
+    stream must be drained before the decode call. A PNG skips nvJPEG (it would fail the batch)."""
+    log = []
+    monkeypatch.setattr(ga.torch.cuda, "current_stream", lambda device=None: FakeStream(log))
+
+    def fake_decode(data, mode, device):
+        log.append(("decode", len(data)))
+        return [ga._decode_cpu(d) for d in data]
+
+    monkeypatch.setattr(ga, "decode_jpeg", fake_decode)
+    monkeypatch.setattr(ga, "_upload", lambda im, device: im)
+    rng = np.random.default_rng(0)
+    jpegs = [jpeg_bytes(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)) for _ in range(3)]
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in (jpegs[0], buf.getvalue(), *jpegs[1:])]
+    out = ga.decode_jpegs(data, torch.device("cuda", 0))
+    assert log == ["sync", ("decode", 3)]
+    assert [tuple(im.shape) for im in out] == [(3, 16, 20), (3, 12, 10), (3, 16, 20), (3, 16, 20)]
+
+
+def test_forward_is_float32_under_bf16_autocast_and_does_not_autotune(monkeypatch):
+    """The engine's step runs under bf16 autocast and cudnn.benchmark: the augmenter must give
+    the same float32 views inside autocast, and convolve (blur) with autotuning off."""
+    rng = np.random.default_rng(1)
+    data = [torch.frombuffer(bytearray(jpeg_bytes(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))),
+                             dtype=torch.uint8) for _ in range(8)]
+    cfg = load_config(None, ["data.crop=24", "mm.crops=[24,16]"])
+    aug = ga.GPUMultiCrop.from_config(cfg)
+    torch.manual_seed(0)
+    ref = aug(data, "cpu")
+    seen, conv2d = [], ga.F.conv2d
+    monkeypatch.setattr(ga.F, "conv2d", lambda *a, **k: seen.append(torch.backends.cudnn.benchmark)
+                        or conv2d(*a, **k))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug(data, "cpu")
+    assert torch.backends.cudnn.benchmark is True       # restored after the call
+    assert seen and not any(seen)                       # the blur ran, untuned
+    for a, b in zip([ref["q"], ref["k"], *ref["mm"]], [out["q"], out["k"], *out["mm"]]):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        assert torch.equal(a, b)
+
+
+def test_hue_of_grey_and_black_pixels_is_finite_and_unchanged():
+    grey = torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1).expand(3, 3, 4).permute(1, 0, 2)[None]
+    x = torch.cat([grey, torch.zeros(1, 3, 3, 4)])   # r = g = b: max - min = 0, and max = 0
+    out = ga.adjust_hue(x, torch.tensor([0.1, -0.1]))
+    assert torch.isfinite(out).all() and torch.allclose(out, x, atol=1e-6)
+
+
+def test_grey_and_cmyk_jpegs_decode_to_rgb():
+    rng = np.random.default_rng(2)
+    for mode, shape in (("L", (20, 30)), ("CMYK", (20, 30, 4))):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "JPEG")
+        (im,) = ga.decode_jpegs([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], "cpu")
+        ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        assert im.shape == (3, 20, 30)
+        assert np.abs(im.permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1, mode
+
+
+def test_huge_crop_is_area_reduced_then_resized_like_torchvision():
+    """CUDA's antialiased resize refuses factors near 90; a pre-reduction keeps the result."""
+    img = smooth_image(1200, 900)
+    box = torch.tensor([[0, 0, 1200, 900]])
+    size = 1200 // (ga.MAX_AA_FACTOR * 3)   # factor 96 > MAX_AA_FACTOR: the reduced path
+    ours = ga.resized_crops(img, box, size)[0]
+    ref = TF.resized_crop(img, 0, 0, 1200, 900, [size, size], antialias=True)
+    assert ours.shape == ref.shape and (ours - ref).abs().max() < 0.02
+
+
+@pytest.mark.gpu
+def test_cuda_decode_does_not_overwrite_memory_queued_kernels_read():
+    """The NaN of issue 7: free tensors that queued reductions still read, then decode; the
+    decoder must not be handed (and overwrite) those blocks before the reductions run."""
+    rng = np.random.default_rng(0)
+    data = [torch.frombuffer(bytearray(jpeg_bytes(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))),
+                             dtype=torch.uint8) for _ in range(8)]
+    bad = 0
+    for _ in range(30):
+        xs = [torch.full((3, 256, 320), 7, dtype=torch.uint8, device="cuda") for _ in range(8)]
+        torch.cuda.synchronize()
+        a = torch.randn(4096, 4096, device="cuda")
+        for _ in range(20):
+            a = a @ a / 64    # ~tens of ms queued ahead of the reductions
+        sums = [x.sum() for x in xs]
+        del xs
+        ga.decode_jpegs(data, "cuda")
+        torch.cuda.synchronize()
+        bad += sum(int(s.item()) != 7 * 3 * 256 * 320 for s in sums)
+    assert bad == 0
