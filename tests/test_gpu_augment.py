@@ -1,5 +1,6 @@
 """GPU data path on CPU tensors: fixed parameters reproduce torchvision's functional ops, sampled
 parameters follow the CPU path's distributions, and the module returns the CPU path's batch dict."""
+import contextlib
 import io
 import math
 
@@ -356,3 +357,50 @@ def test_cuda_decode_does_not_overwrite_memory_queued_kernels_read():
         torch.cuda.synchronize()
         bad += sum(int(s.item()) != 7 * 3 * 256 * 320 for s in sums)
     assert bad == 0
+
+
+def test_gpu_batches_orders_the_side_stream_before_the_step(monkeypatch):
+    """CUDA branch with stand-in streams: batch n+1 is augmented with the side stream current,
+    the main stream waits for it before the batch is yielded, and every yielded tensor is
+    recorded on the main stream (the allocator must not recycle it while the step reads it)."""
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    class Tensor:
+        def __init__(self, name):
+            self.name = name
+
+        def record_stream(self, stream):
+            log.append(f"{self.name} on {stream.name}")
+
+        def to(self, device, non_blocking=False):
+            return self
+
+    main, side = Stream("main"), Stream("side")
+    current = [main]
+
+    @contextlib.contextmanager
+    def use(stream):
+        current[0] = stream
+        yield
+        current[0] = main
+
+    monkeypatch.setattr(ga.torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(ga.torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(ga.torch.cuda, "stream", use)
+
+    def augment(data, device):
+        log.append(f"augment {data} on {current[0].name}")
+        return {"q": Tensor("q"), "k": Tensor("k"), "mm": [Tensor("mm0")], "skipped": 0}
+
+    batches = ga.gpu_batches([("b0", Tensor("labels"))], augment, torch.device("cuda", 0))
+    batch, labels = next(batches)
+    assert log == ["augment b0 on side", "main waits side", "q on main", "k on main",
+                   "labels on main", "mm0 on main"]
+    assert current[0] is main and batch["skipped"] == 0
