@@ -15,14 +15,6 @@ TOY = ["--cpu", "--size", "32", "--batch-size", "4", "--iters", "1", "--warmup",
        "--num-images", "8", "--workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two spinning OpenMP threads on a shared 2-core CI box run ~5x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

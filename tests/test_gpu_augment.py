@@ -17,14 +17,6 @@ from pretrain.config import load_config
 from pretrain.data import view_transform
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two spinning OpenMP threads on a shared 2-core CI box run ~5x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def smooth_image(h, w, seed=0):
     """A natural-ish image: upsampled coarse noise."""

@@ -71,14 +71,6 @@ def last_epoch_loss(out):
     return sum(r["loss"] for r in recs) / len(recs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On shared 2-core machines, 2 intra-op threads per process oversubscribe (20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def trained(data_root, tmp_path_factory):

@@ -17,7 +17,6 @@ ALPHA = 0.9
 @pytest.fixture(scope="module")
 def records():
     """The default setting, restricted to one ρ and α ∈ {0, 0.9}: about 1 s a seed."""
-    torch.set_num_threads(1)
     return [r for s in SEEDS for r in t2.run(s, [RHO], [0.0, ALPHA])]
 
 
