@@ -16,8 +16,8 @@ from pretrain.losses import mu_schedule
 from pretrain.model import build_model
 
 STAT_KEYS = ("loss", "loss_vanilla", "loss_mm")
-QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_label_error",
-                "onehot_label_error")
+QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_other_same_class_mass",
+                "slr_label_error", "onehot_label_error")
 
 
 def build_data(cfg, device):

@@ -78,7 +78,10 @@ def label_quality(y_bar, query_cls, key_cls):
 
     query_cls [s], key_cls [s + b] (−1 = unknown, e.g. a random initial queue entry).
     y* = uniform over same-class keys of B̄ (the true label of Theorem 1).
-    Returns dict of 0-d tensors for ȳ and the one-hot y: *_same_class_mass, *_label_error.
+    *_same_class_mass counts the query's own positive (column i), so one-hot scores 1;
+    *_other_same_class_mass leaves it out: what SLR adds (one-hot: 0, so not logged).
+    Returns dict of 0-d tensors: {slr,onehot}_same_class_mass, slr_other_same_class_mass,
+    {slr,onehot}_label_error.
     """
     s, n = y_bar.shape
     same = (key_cls[None, :] == query_cls[:, None]) & (key_cls[None, :] >= 0)
@@ -88,6 +91,7 @@ def label_quality(y_bar, query_cls, key_cls):
     return {
         "slr_same_class_mass": (y_bar * same).sum(dim=1).mean(),
         "onehot_same_class_mass": (y * same).sum(dim=1).mean(),
+        "slr_other_same_class_mass": (y_bar * same * (1 - y)).sum(dim=1).mean(),
         "slr_label_error": (y_bar - y_star).abs().sum(dim=1).mean(),
         "onehot_label_error": (y - y_star).abs().sum(dim=1).mean(),
     }

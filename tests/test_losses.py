@@ -115,3 +115,19 @@ def test_label_quality():
     # y*_0 = [.5, 0, .5]: |0|+.3+.3 ; y*_1 = [0,1,0]: .1+.4+.3; one-hot: 1, 0
     assert out["slr_label_error"].item() == pytest.approx((0.6 + 0.8) / 2)
     assert out["onehot_label_error"].item() == pytest.approx((1.0 + 0.0) / 2)
+    # mass on same-class keys other than the own positive: row 0 key 2 (.2), row 1 none
+    assert out["slr_other_same_class_mass"].item() == pytest.approx((0.2 + 0.0) / 2)
+
+
+def test_label_quality_other_mass_skips_positive_and_unknown_keys():
+    # keys: 2 in-batch (classes 0, 1), queue of 3: class 0, unknown (-1, random init), class 1
+    y_bar = torch.tensor([[0.4, 0.1, 0.2, 0.3, 0.0], [0.0, 0.5, 0.1, 0.25, 0.15]])
+    out = L.label_quality(y_bar, torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
+    assert out["slr_other_same_class_mass"].item() == pytest.approx((0.2 + 0.15) / 2)
+    assert out["slr_same_class_mass"].item() == pytest.approx((0.6 + 0.65) / 2)
+    # y*_0 = [.5, 0, .5, 0, 0] (the unknown key is not in y*): .1+.1+.3+.3; y*_1: 0+.1+.25+.35
+    assert out["slr_label_error"].item() == pytest.approx((0.8 + 0.7) / 2)
+    # a one-hot ȳ (SLR at μ = 0) adds no other-same-class mass and scores as one-hot
+    onehot = L.label_quality(L.one_hot_labels(2, 5), torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
+    assert onehot["slr_other_same_class_mass"].item() == 0.0
+    assert onehot["slr_label_error"].item() == pytest.approx(onehot["onehot_label_error"].item())
