@@ -37,7 +37,9 @@ def _pretrain(d, seed, done, slr=True, knn=(40.0, 60.0)):
     records += [{"type": "knn", "epoch": i, "iter": 2 * i + 1, "knn_top1": v} for i, v in enumerate(knn)]
     if slr:
         records += [{"type": "label_quality", "epoch": i, "iter": 2 * i + 1,
-                     "slr_same_class_mass": 0.3 + 0.1 * i, "onehot_same_class_mass": 0.1}
+                     "slr_same_class_mass": 0.9 + 0.05 * i, "onehot_same_class_mass": 1.0,
+                     "slr_other_same_class_mass": 0.05 + 0.1 * i,
+                     "slr_label_error": 1.6 - 0.2 * i, "onehot_label_error": 1.8}
                     for i in range(2)]
     _write(d / "metrics.jsonl", records)
     _write(d / "log.txt", "epoch 0\n")
@@ -198,9 +200,16 @@ def test_figures_content_and_pngs(root, tmp_path):
     runs, _ = results_table.find_runs([str(root)])
     figures = plot_results.write_figures(runs, tmp_path / "plots")
     curves, bars = figures["pretrain_curves.png"], figures["detection_ap.png"]
-    loss, knn, quality = curves.axes
+    loss, knn, other_mass, error = curves.axes
     assert len(loss.lines) == 2 and len(knn.lines) == 2     # sane + mocov2 (unfinished still drawn)
-    assert len(quality.lines) == 2                          # sane SLR + its one-hot reference
+    # label quality: sane's ȳ (solid) + its one-hot y (dashed, same colour); mocov2 logs none
+    assert len(other_mass.lines) == 2 and len(error.lines) == 2
+    slr, onehot = other_mass.lines
+    assert list(slr.get_ydata()) == pytest.approx([0.05, 0.15]) and list(slr.get_xdata()) == [1, 3]
+    assert list(onehot.get_ydata()) == [0.0, 0.0] and onehot.get_linestyle() == "--"
+    assert onehot.get_color() == slr.get_color() == knn.lines[1].get_color()
+    assert list(error.lines[0].get_ydata()) == pytest.approx([1.6, 1.4])
+    assert list(error.lines[1].get_ydata()) == [1.8, 1.8] and error.lines[1].get_linestyle() == "--"
     assert list(knn.lines[1].get_ydata()) == [40.0, 61.0]   # sane is the 2nd backbone (sorted)
     coco_ax, voc_ax = bars.axes
     assert len(voc_ax.patches) == 2 * 3 and len(coco_ax.patches) == 2 * 2   # mocov2: NaN bars
@@ -209,7 +218,7 @@ def test_figures_content_and_pngs(root, tmp_path):
     segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std
     assert math.isclose(segs[0][1][1] - segs[0][0][1], 4.0)
     assert sane_bars.patches[0].get_facecolor()[:3] == matplotlib.colors.to_rgb(knn.lines[1].get_color())
-    assert _png_size(tmp_path / "plots" / "pretrain_curves.png") == (1500, 400)
+    assert _png_size(tmp_path / "plots" / "pretrain_curves.png") == (1600, 400)
     assert _png_size(tmp_path / "plots" / "detection_ap.png") == (1000, 400)
     pretrain_only = str(root / "pretrain" / "sane")           # the CLI path, on one cheap figure
     assert plot_results.main([pretrain_only, "--out", str(tmp_path / "cli")]) == 0

@@ -15,10 +15,14 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from tools.results_table import aggregate, columns_for, find_runs  # noqa: E402
 
-# (axis title, record type, key); label quality also draws the one-hot reference
-CURVES = (("train loss", "train", "loss"), ("kNN top-1 (%)", "knn", "knn_top1"),
-          ("SLR label quality: same-class mass", "label_quality", "slr_same_class_mass"))
-ONEHOT_KEY = "onehot_same_class_mass"
+# (axis title, record type, key, one-hot reference: a key, a constant, or None). The label-quality
+# panels draw SLR's ȳ solid and the one-hot y dashed in the same colour (docs/label_quality.md):
+# one-hot puts no mass on same-class keys other than the own positive, so that reference is 0.
+CURVES = (("train loss", "train", "loss", None),
+          ("kNN top-1 (%)", "knn", "knn_top1", None),
+          ("label mass on other same-class keys", "label_quality", "slr_other_same_class_mass", 0.0),
+          (r"label error $\|y - y^*\|_1$", "label_quality", "slr_label_error",
+           "onehot_label_error"))
 
 
 def mean_curve(runs, rtype, key):
@@ -45,20 +49,25 @@ def plot_pretrain_curves(runs):
     for r in runs:
         if r.kind == "pretrain" and r.records:
             by_backbone.setdefault(r.backbone, []).append(r)
-    fig = Figure(figsize=(15, 4), dpi=100)
+    fig = Figure(figsize=(4 * len(CURVES), 4), dpi=100)
     axes = fig.subplots(1, len(CURVES))
     colors = backbone_colors(runs)
     for backbone, group in sorted(by_backbone.items()):
         color = colors[backbone]
-        for ax, (title, rtype, key) in zip(axes, CURVES):
+        for ax, (title, rtype, key, ref) in zip(axes, CURVES):
             xs, ys = mean_curve(group, rtype, key)
-            if xs:  # markers while points are few (kNN runs every few epochs: maybe one point)
-                ax.plot(xs, ys, color=color, label=backbone, marker="o" if len(xs) < 30 else None)
-            if rtype == "label_quality":
-                xs, ys = mean_curve(group, rtype, ONEHOT_KEY)
-                if xs:
-                    ax.plot(xs, ys, color=color, linestyle="--", label=f"{backbone} one-hot")
-    for ax, (title, _, _) in zip(axes, CURVES):
+            if not xs:
+                continue
+            marker = "o" if len(xs) < 30 else None  # kNN runs every few epochs: maybe one point
+            label = backbone if ref is None else backbone + r" SLR $\bar y$"
+            ax.plot(xs, ys, color=color, label=label, marker=marker)
+            if isinstance(ref, str):
+                xs, ys = mean_curve(group, rtype, ref)
+            elif ref is not None:
+                ys = [ref] * len(xs)
+            if ref is not None and xs:
+                ax.plot(xs, ys, color=color, linestyle="--", label=f"{backbone} one-hot $y$")
+    for ax, (title, *_) in zip(axes, CURVES):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         if ax.lines:
