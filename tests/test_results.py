@@ -226,3 +226,15 @@ def test_figures_content_and_pngs(root, tmp_path):
     (tmp_path / "empty").mkdir()
     assert plot_results.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("tool", ["results_table", "plot_results"])
+def test_a_run_dir_that_is_not_a_directory_is_one_error(tool, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"tools.{tool}").main
+    argv = [str(tmp_path / "missing")] + (["--out", str(tmp_path / "plots")] if tool == "plot_results" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{tool}: {tmp_path / 'missing'} is not a directory; pass run directories or a root "
+                   "that holds them"]

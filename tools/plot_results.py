@@ -13,7 +13,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from tools.results_table import aggregate, columns_for, find_runs  # noqa: E402
+from tools.results_table import aggregate, columns_for, find_runs, not_a_directory  # noqa: E402
 
 # (axis title, record type, key, one-hot reference: a key, a constant, or None). The label-quality
 # panels draw SLR's ȳ solid and the one-hot y dashed in the same colour (docs/label_quality.md):
@@ -130,11 +130,8 @@ def main(argv=None):
                         help="run directories or roots searched recursively")
     parser.add_argument("--out", required=True, help="output directory for the PNG files")
     args = parser.parse_args(argv)
-    for p in args.run_dirs:
-        if not os.path.isdir(p):
-            print(f"plot_results: {p} is not a directory; pass run directories or a root that "
-                  f"holds them", file=sys.stderr)
-            return 2
+    if not_a_directory(args.run_dirs, "plot_results"):
+        return 2
     runs, _ = find_runs(args.run_dirs)
     wrote = write_figures(runs, Path(args.out))
     if not wrote:

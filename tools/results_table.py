@@ -403,6 +403,16 @@ def collect(paths, reported_mode="match", reported_file=REPORTED_FILE):
     return build_sections(runs, reported, reported_mode), sorted(incomplete), runs
 
 
+def not_a_directory(paths, prog):
+    """Print one error line for the first path that is not a directory; True if there is one."""
+    for p in paths:
+        if not os.path.isdir(p):
+            print(f"{prog}: {p} is not a directory; pass run directories or a root that holds them",
+                  file=sys.stderr)
+            return True
+    return False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -412,11 +422,8 @@ def main(argv=None):
     parser.add_argument("--reported", choices=("match", "all", "none"), default="match",
                         help="reported rows: only beside matching tasks (default), all, or none")
     args = parser.parse_args(argv)
-    for p in args.run_dirs:
-        if not os.path.isdir(p):
-            print(f"results_table: {p} is not a directory; pass run directories or a root that "
-                  f"holds them", file=sys.stderr)
-            return 2
+    if not_a_directory(args.run_dirs, "results_table"):
+        return 2
     sections, incomplete, runs = collect(args.run_dirs, args.reported)
     if not runs and not incomplete:
         print(f"results_table: no pretraining or detection runs found under {' '.join(args.run_dirs)}; "
