@@ -3,6 +3,7 @@ linear / VOC07 linear probes on the synthetic corpus."""
 import json
 import math
 import os
+import socket
 import runpy
 import subprocess
 import sys
@@ -82,13 +83,14 @@ _GATHER_RANK = """
 import sys, torch, torch.distributed as dist
 from pretrain.knn import extract_features
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
 shards = [torch.arange(6.0).view(3, 2) + 1, -torch.arange(10.0).view(5, 2) - 1]
 labels = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5, 6, 7])]
 loader = [(shards[rank][:2], labels[rank][:2]), (shards[rank][2:], labels[rank][2:])]
 feats, got = extract_features(torch.nn.Identity(), loader, torch.device("cpu"))
 assert torch.equal(got, torch.arange(8)), got
 assert torch.allclose(feats, torch.nn.functional.normalize(torch.cat(shards), dim=1)), feats
+dist.barrier()  # gloo on torch 2.3: destroying while the peer still works can hang it
 dist.destroy_process_group()
 """
 
@@ -96,8 +98,12 @@ dist.destroy_process_group()
 def test_extract_features_gathers_unequal_shards_across_ranks(tmp_path):
     # two plain interpreters importing only torch + pretrain.knn (cheaper than mp.spawn,
     # which would re-import this test module and torchvision in every child)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_RANK, str(r), str(tmp_path / "init")],
+    # a TCP store on loopback, as torchrun uses
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER_RANK, str(r), url],
                               env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
