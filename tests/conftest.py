@@ -1,4 +1,7 @@
-"""Shared pytest fixtures: the `gpu` marker skips without CUDA, a small synthetic corpus."""
+"""Shared pytest fixtures: the `gpu` marker skips without CUDA, the `detectron2` marker without
+Detectron2 (`make setup` always installs it, and checks the import, so CI runs those tests), a
+small synthetic corpus."""
+import importlib.util
 import os
 import sys
 
@@ -21,12 +24,12 @@ def one_torch_thread():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    missing = {"gpu": not torch.cuda.is_available(),
+               "detectron2": importlib.util.find_spec("detectron2") is None}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, absent in missing.items():
+            if absent and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"needs {'CUDA' if marker == 'gpu' else marker}"))
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,7 @@ def image():
     return torch.rand(1, 3, 64, 96) * 255  # RGB in 0..255, as Detectron2 reads it
 
 
+@pytest.mark.detectron2
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_gives_torchvision_features_in_d2_resnet(r50, image, fmt, tmp_path):
     from detectron2.layers import ShapeSpec
@@ -127,6 +128,7 @@ def test_every_format_gives_torchvision_features_in_d2_resnet(r50, image, fmt, t
         assert rel_err(got[name], ref[name]) < 1e-5, name
 
 
+@pytest.mark.detectron2
 def test_faster_rcnn_c4_from_config_reproduces_torchvision(r50, image, tmp_path):
     """The full MoCo-protocol model: pixel normalisation, backbone res2..res4 and the res5 head."""
     from detectron2.modeling import build_model
@@ -152,6 +154,7 @@ def test_faster_rcnn_c4_from_config_reproduces_torchvision(r50, image, tmp_path)
     assert rel_err(c5, ref["res5"]) < 1e-5
 
 
+@pytest.mark.detectron2
 def test_resnet18_basic_blocks_load_whole_into_demo_c4(tmp_path, image):
     from detectron2.modeling import build_model
 

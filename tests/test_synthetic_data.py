@@ -30,6 +30,7 @@ def test_classes_are_distinct_names():
     assert all(isinstance(c, str) and c.isidentifier() for c in CLASSES)
 
 
+@pytest.mark.detectron2
 def test_detectron2_reads_voc_splits(corpus):
     from detectron2.data.datasets.pascal_voc import load_voc_instances
     from PIL import Image
@@ -183,6 +184,7 @@ def test_cli_exit_code(tmp_path):
     assert (tmp_path / "y" / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text() == "000003\n"
 
 
+@pytest.mark.detectron2
 def test_detectron2_reads_coco_masks(corpus, coco):
     from detectron2.data import detection_utils
     from detectron2.data.datasets import load_coco_json

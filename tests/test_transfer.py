@@ -13,21 +13,14 @@ import torchvision
 from tools import convert_checkpoint as cc
 from tools.make_synthetic_data import CLASSES
 
+pytestmark = pytest.mark.detectron2
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
 # Tiny runs on CPU: 64-px images, 2 per batch, few ROIs, res5 on 2x2 ROI features.
 TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 2,
         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 4, "MODEL.RPN.POST_NMS_TOPK_TEST", 16,
         "TEST.PRECISE_BN.NUM_ITER", 2, "SEED", 0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run as fast on one thread, and OpenMP threads slow 10x on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
