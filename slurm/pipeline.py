@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RANDOM_INIT = "random_init"  # the backbone name of fine-tunes from no pretrained weights
 
 
 class PipelineError(RuntimeError):
@@ -26,6 +27,7 @@ class Stage:
     opts: tuple = ()          # trailing overrides; launcher flags must go before them
     resume_args: tuple = ()   # flags that resume a partial run (Detectron2's --resume)
     after: tuple = ()         # names of the stages whose outputs this one reads
+    refresh: bool = False     # rerun whenever a stage in `after` runs, even if complete (the table)
 
     def done(self):
         return Path(self.done_file).is_file()
@@ -68,38 +70,58 @@ def transfer_stage(config, weights, backbone, output_dir, seed, num_gpus=1, opts
 
 
 def results_stage(root, after=(), python=sys.executable):
+    """The table over every run under root: rebuilt whenever a run it reads is (re)run."""
     root = Path(root)
     return Stage("results", (python, "tools/results_table.py", str(root / "pretrain"), str(root / "transfer"),
-                             "--out", str(root / "results.md")), str(root / "results.md"), after=tuple(after))
+                             "--out", str(root / "results.md")), str(root / "results.md"), after=tuple(after),
+                 refresh=True)
 
 
-def build_stages(pretrain_configs, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
-                 first_seed=0, epochs=None, pretrain_opts=(), transfer_opts=(), num_gpus=1,
-                 python=sys.executable):
-    """Every stage of the suite under `out`, in an order that runs each after its inputs:
-    out/pretrain/<b>/, out/weights/<b>.pkl, out/transfer/<b>/<task>/seed<k>/, out/results.md,
-    with backbone name <b> = the pretraining config's file name without .yaml."""
-    out = Path(out).resolve()
+def pending(stages):
+    """The stages to run, in order: those not complete, and a `refresh` stage whose inputs run."""
+    todo = []
+    for s in stages:
+        if not s.done() or (s.refresh and set(s.after) & {t.name for t in todo}):
+            todo.append(s)
+    return todo
+
+
+def named_configs(pretrain_configs, opts=()):
+    """{backbone name: (config, overrides)}, each backbone named after its config's file."""
     names = [Path(c).stem for c in pretrain_configs]
     if len(set(names)) != len(names):
         raise PipelineError(f"pretraining configs {list(pretrain_configs)} share a file name; the "
                             "backbone is named after it, so give each config its own name")
+    return {name: (config, tuple(opts)) for name, config in zip(names, pretrain_configs)}
+
+
+def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
+                 first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
+                 python=sys.executable):
+    """Every stage of the suite under `out`, in an order that runs each after its inputs:
+    out/pretrain/<b>/, out/weights/<b>.pkl, out/transfer/<b>/<task>/seed<k>/, out/results.md,
+    for each backbone <b> of `backbones` ({name: (pretraining config, overrides)}), and with
+    `random_init` the same fine-tunes from no weights as backbone `random_init`."""
+    out = Path(out).resolve()
+    if random_init and RANDOM_INIT in backbones:
+        raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
+                            "random-init baseline: rename the config")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
     runs = [(c, seeds) for c in voc_configs] + [(c, coco_seeds) for c in coco_configs]
-    stages, transfers = [], []
-    for config, name in zip(pretrain_configs, names):
+    stages, sources = [], []  # sources: (backbone, weights, the stage that writes them)
+    for name, (config, opts) in backbones.items():
         pre_dir, weights = out / "pretrain" / name, out / "weights" / f"{name}.pkl"
-        stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, pretrain_opts,
-                                     name, python))
+        stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, name, python))
         stages.append(convert_stage(name, pre_dir, weights, python))
-        for det_config, n_seeds in runs:
-            for seed in range(first_seed, first_seed + n_seeds):
-                run_dir = out / "transfer" / name / Path(det_config).stem / f"seed{seed}"
-                transfers.append(transfer_stage(abspath(det_config), weights, name, run_dir, seed, num_gpus,
-                                                transfer_opts, (f"convert/{name}",), python))
-    stages += transfers
-    stages.append(results_stage(out, [s.name for s in transfers], python))
-    return stages
+        sources.append((name, weights, (f"convert/{name}",)))
+    if random_init:
+        sources.append((RANDOM_INIT, "", ()))
+    transfers = [transfer_stage(abspath(det_config), weights, name,
+                                out / "transfer" / name / Path(det_config).stem / f"seed{seed}", seed,
+                                num_gpus, transfer_opts, after, python)
+                 for name, weights, after in sources
+                 for det_config, n_seeds in runs for seed in range(first_seed, first_seed + n_seeds)]
+    return stages + transfers + [results_stage(out, [s.name for s in transfers], python)]
 
 
 def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):
@@ -134,11 +156,11 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
 
 def run_sequential(stages, log=print, env=None, extra=None, resume=False, check_done=True,
                    ignore_signals=()):
-    """Run the stages in order, skipping those whose done_file exists. `extra(stage)` gives the
+    """Run the stages in order, skipping complete ones (`pending`). `extra(stage)` gives the
     launcher flags of a stage (distributed set-up), `env` extra environment variables."""
-    ran = []
+    ran, todo = [], pending(stages)
     for stage in stages:
-        if stage.done():
+        if stage not in todo:
             log(f"[{stage.name}] complete: {stage.done_file}")
             continue
         run_stage(stage, extra(stage) if extra else (), resume, env, log, check_done, ignore_signals)

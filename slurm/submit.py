@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import submitit  # noqa: E402
 from submitit.slurm import slurm as submitit_slurm  # noqa: E402
 
-from slurm import pipeline, tasks  # noqa: E402
+from slurm import pipeline, registry, tasks  # noqa: E402
 from slurm.tasks import StageJob  # noqa: E402
 
 CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     q.add_argument("--seeds", type=int, default=5, help="fine-tunes per VOC config")
     q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
     q.add_argument("--first-seed", type=int, default=0)
+    q.add_argument("--random-init", action="store_true",
+                   help=f"also fine-tune from no pretrained weights (backbone {pipeline.RANDOM_INIT})")
     q.add_argument("--transfer-nodes", type=int, default=1)
     q.add_argument("--pretrain-opts", default="", help='pretrain overrides, e.g. "data.batch_size=512"')
     q.add_argument("--transfer-opts", default="", help='Detectron2 overrides, e.g. "SOLVER.MAX_ITER 100"')
@@ -118,9 +120,10 @@ def stages_for(args):
                                         Path(args.output_root).resolve() / backbone / Path(c).stem / f"seed{s}",
                                         s, gpus, args.stage_args, python=py)
                 for c in args.config_file for s in range(args.first_seed, args.first_seed + args.seeds)]
-    return pipeline.build_stages(args.pretrain_config, args.data_root, args.out, args.voc_config,
-                                 args.coco_config, args.seeds, args.coco_seeds, args.first_seed, args.epochs,
-                                 shlex.split(args.pretrain_opts), shlex.split(args.transfer_opts), gpus, py)
+    backbones = pipeline.named_configs(args.pretrain_config, shlex.split(args.pretrain_opts))
+    return pipeline.build_stages(backbones, args.data_root, args.out, args.voc_config, args.coco_config,
+                                 args.seeds, args.coco_seeds, args.first_seed, args.epochs,
+                                 shlex.split(args.transfer_opts), gpus, args.random_init, py)
 
 
 def default_job_dir(args):
@@ -166,10 +169,11 @@ def sbatch_script(executor, array_size=None):
     return submitit_slurm._make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
 
 
-def slurm_plan(todo):
+def slurm_plan(todo, queued=()):
     """Jobs to submit as (name, kind, stages, names they wait for): one per pretraining and
-    conversion, one job array per backbone's fine-tunes, one for the table."""
-    pending = {s.name for s in todo}
+    conversion, one job array per backbone's fine-tunes, one for the table. `queued`: the names of
+    stages that jobs submitted earlier still run (waited for as well)."""
+    pending = {s.name for s in todo} | set(queued)
     jobs, arrays = [], {}
     for s in todo:
         after = tuple(a for a in s.after if a in pending)
@@ -209,15 +213,32 @@ def launch(args, stages, log=print):
     cluster = args.cluster or ("slurm" if args.dry_run else submitit.AutoExecutor.which())
     os.environ["PYTHONPATH"] = os.pathsep.join(  # jobs unpickle slurm.tasks: the repo must import
         p for p in (str(pipeline.REPO), os.environ.get("PYTHONPATH")) if p)
-    todo = [s for s in stages if not s.done()]
+    todo = pipeline.pending(stages)
     for s in stages:
-        if s.done():
+        if s not in todo:
             log(f"[{s.name}] complete: {s.done_file}")
     if not todo:
         log("nothing to do: every stage is complete")
         return []
-    plan, local_params = local_plan(args, todo) if cluster != "slurm" else (slurm_plan(todo), None)
-    job_of, jobs = {}, []  # stage name -> the id (dry run: the name) of the job that runs it
+    jobs_file = Path(default_job_dir(args)).parent / "jobs.json"
+    queued = registry.in_flight(jobs_file, [s.name for s in todo])  # {stage: (job id, state)}
+    if queued and cluster != "slurm":  # one local job runs every stage: nothing can wait for it
+        name, (job_id, state) = next(iter(queued.items()))
+        raise UsageError(f"[{name}] is still {state} in job {job_id} on this machine (submitted earlier, "
+                         f"{jobs_file}): let it finish or kill it, then run this again")
+    submit = []
+    for s in todo:  # a table still queued is submitted again if a run it reads is new
+        if s.name in queued and not (s.refresh and set(s.after) & {t.name for t in submit}):
+            log(f"[{s.name}] {queued[s.name][1]} in job {queued[s.name][0]}: waited for, not submitted again")
+        else:
+            submit.append(s)
+    if not submit:
+        log("nothing to submit: the incomplete stages are in jobs still queued or running")
+        return []
+    plan, local_params = local_plan(args, submit) if cluster != "slurm" else (slurm_plan(submit, queued), None)
+    # stage name -> the id (dry run: the name) of the job that runs it
+    job_of = {name: job_id.split("_")[0] for name, (job_id, _) in queued.items()}
+    jobs = []
     for name, kind, group, after in plan:
         waits = sorted({job_of[a] for a in after})
         dep = "afterok:" + ":".join(waits) if waits else None
@@ -235,6 +256,9 @@ def launch(args, stages, log=print):
             submitted = [executor.submit(StageJob(group))]
         job_id = str(submitted[0].job_id).split("_")[0]  # an array's id covers all its tasks
         job_of.update((s.name, job_id) for s in group)
+        if cluster != "debug":  # (a debug job runs inside this process)
+            owners = submitted if len(submitted) == len(group) else submitted * len(group)
+            registry.record(jobs_file, {s.name: registry.entry(job, cluster) for s, job in zip(group, owners)})
         log(f"submitted {name}: job {job_id}" + (f" ({len(group)} array tasks)" if len(submitted) > 1 else "")
             + (f", {dep}" if dep else "") + f"; logs in {submitted[0].paths.folder}")
         jobs += submitted
@@ -251,6 +275,9 @@ def main(argv=None):
         return 2
     try:
         jobs = launch(args, stages)
+    except (UsageError, registry.RegistryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except submitit.core.utils.FailedSubmissionError as e:
         print(f"error: sbatch refused the job: {e}", file=sys.stderr)
         return 1

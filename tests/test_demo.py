@@ -2,7 +2,8 @@
 random init included, and each stage reads only what an earlier stage writes."""
 from pathlib import Path
 
-from tools.demo import BACKBONES, RANDOM_INIT, build_demo_stages
+from slurm.pipeline import RANDOM_INIT
+from tools.demo import BACKBONES, PRETRAIN_CONFIG, build_demo_stages
 
 
 def test_demo_plan_covers_every_backbone_and_seed(tmp_path):
@@ -25,11 +26,16 @@ def test_demo_plan_covers_every_backbone_and_seed(tmp_path):
             assert names.index(f"convert/{backbone}") < names.index(s.name)
 
 
-def test_mocov2_backbone_switches_off_both_sane_modules():
-    opts = dict(o.split("=", 1) for o in BACKBONES["demo_mocov2"])
+def test_mocov2_backbone_switches_off_both_sane_modules(tmp_path):
+    stages = {s.name: s for s in build_demo_stages(tmp_path, tmp_path / "shapes", seeds=1)}
+    mocov2, sane = stages["pretrain/demo_mocov2"], stages["pretrain/demo_sane"]
+    assert mocov2.argv == sane.argv and str(PRETRAIN_CONFIG) in sane.argv  # one config, two runs
+    opts = dict(o.split("=", 1) for o in mocov2.opts if not o.startswith(("output_dir=", "data.root=")))
     assert opts == {"method": "mocov2", "slr.enabled": "false", "mm.enabled": "false",
                     "model.in_batch_negatives": "false"}
-    assert BACKBONES["demo_sane"] == ()  # configs/pretrain/demo.yaml is SANE itself
+    # configs/pretrain/demo.yaml is SANE itself
+    assert [o.split("=")[0] for o in sane.opts] == ["output_dir", "data.root"]
+    assert sane.opts[1] == f"data.root={tmp_path / 'shapes' / 'imagefolder'}"
 
 
 def test_complete_stages_are_skipped_on_a_second_run(tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -14,7 +15,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit")
 
-from slurm import pipeline, submit, tasks  # noqa: E402
+from slurm import pipeline, registry, submit, tasks  # noqa: E402
 from slurm.tasks import StageJob  # noqa: E402
 
 # tiny pretraining: 32-px crops, batch 8, no kNN monitor; a checkpoint after every step
@@ -91,8 +92,70 @@ def test_dry_run_transfer_array_and_pipeline_dependencies(capsys, tmp_path, imag
     assert jobs[:2] == [("convert/demo", ""), ("transfer/demo", "convert/demo")]
 
 
+def test_random_init_baseline_and_a_table_that_follows_its_runs(capsys, tmp_path, image_root):
+    out = dry_run(capsys, "pipeline", "--pretrain-config", "configs/pretrain/demo.yaml",
+                  "--data-root", str(image_root), "--out", str(tmp_path / "pipe"), "--seeds", "2",
+                  "--coco-config", "--random-init", "--cluster", "slurm")
+    jobs = re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", out, flags=re.M)
+    assert jobs == [("pretrain/demo", ""), ("convert/demo", "pretrain/demo"), ("transfer/demo", "convert/demo"),
+                    ("transfer/random_init", ""), ("results", "transfer/demo, transfer/random_init")]
+    assert len(re.findall(r"MODEL\.WEIGHTS '' .*TRANSFER\.BACKBONE_NAME random_init", out)) == 2
+
+    stages = pipeline.build_stages(pipeline.named_configs(["configs/pretrain/demo.yaml"]), image_root,
+                                   tmp_path / "out", voc_configs=["configs/detection/voc_R_50_C4_24k.yaml"],
+                                   seeds=2, random_init=True)
+    for s in stages:
+        Path(s.done_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.done_file).write_text("{}")
+    assert pipeline.pending(stages) == []
+    lost = stages[-2]  # a fine-tune to (re)run, e.g. one more seed: the table must follow it
+    os.remove(lost.done_file)
+    assert [s.name for s in pipeline.pending(stages)] == [lost.name, "results"]
+    with pytest.raises(pipeline.PipelineError, match="random_init"):
+        pipeline.build_stages({"random_init": ("x.yaml", ())}, image_root, tmp_path, random_init=True)
+
+
+def test_rerun_waits_for_queued_jobs_instead_of_submitting_twice(capsys, tmp_path, image_root, monkeypatch):
+    """jobs.json records each stage's job; sacct (here a script printing fixed states, read by
+    Submitit's own SlurmJob) says which still run: those are waited for, the rest submitted."""
+    states = tmp_path / "sacct.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\necho 'JobID|State|NodeList'\ncat {states}\n")
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "pipe"
+    registry.record(out / "submitit" / "jobs.json", {
+        "pretrain/demo": {"job_id": "4242", "cluster": "slurm", "folder": str(out / "submitit" / "4242")},
+        "results": {"job_id": "4250", "cluster": "slurm", "folder": str(out / "submitit" / "4250")}})
+    argv = ["pipeline", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root", str(image_root),
+            "--out", str(out), "--coco-config", "--cluster", "slurm"]
+
+    def jobs():
+        return re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", dry_run(capsys, *argv), flags=re.M)
+
+    states.write_text("4242|RUNNING|node7\n4250|PENDING|\n")
+    # pretraining is still running: the conversion waits for its job; the queued table is submitted
+    # again, because the fine-tunes it must read are new
+    assert jobs() == [("convert/demo", "4242"), ("transfer/demo", "convert/demo"), ("results", "transfer/demo")]
+    states.write_text("4242|CANCELLED by 0|node7\n4250|CANCELLED by 0|\n")  # ended: submit again
+    assert jobs()[0] == ("pretrain/demo", "")
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a job on this machine runs every stage in one process: a second one is refused
+        registry.record(out / "submitit" / "jobs.json", {
+            "pretrain/demo": {"job_id": str(sleeper.pid), "cluster": "local", "folder": str(tmp_path)}})
+        assert submit.main(argv[:-1] + ["local", "--dry-run"]) == 2
+        assert f"still RUNNING in job {sleeper.pid}" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert submit.main(argv[:-1] + ["local", "--dry-run"]) == 0  # it ended: go on
+
+
 def test_stages_layout_resume_flag_and_skip(tmp_path):
-    stages = pipeline.build_stages(["configs/pretrain/demo.yaml"], tmp_path / "img", tmp_path / "out",
+    stages = pipeline.build_stages(pipeline.named_configs(["configs/pretrain/demo.yaml"]), tmp_path / "img",
+                                   tmp_path / "out",
                                    voc_configs=["configs/detection/demo_shapes_voc_R_18_C4.yaml"],
                                    seeds=2, first_seed=3)
     assert [s.name for s in stages] == ["pretrain/demo", "convert/demo",
@@ -200,8 +263,8 @@ def test_local_pretrain_requeues_and_resumes(corpus, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.detectron2
 def test_demo_pipeline_local_end_to_end(corpus, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("detectron2")
     monkeypatch.setenv("SHAPES_ROOT", str(corpus))
     root = tmp_path / "pipe"
     argv = ["pipeline", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root",
@@ -217,6 +280,8 @@ def test_demo_pipeline_local_end_to_end(corpus, tmp_path, monkeypatch, capsys):
         ("demo_shapes_voc_R_18_C4", 0, "demo"), ("demo_shapes_voc_R_18_C4", 1, "demo")]
     assert (root / "weights" / "demo.pkl").is_file() and (root / "pretrain" / "demo" / "done.json").is_file()
     assert "demo" in (root / "results.md").read_text()
+    recorded = json.loads((root / "submitit" / "jobs.json").read_text())  # one local job ran them all
+    assert len(recorded) == 5 and len({e["job_id"] for e in recorded.values()}) == 1
     capsys.readouterr()
     assert submit.main(argv) == 0  # again: every stage is complete, nothing is submitted
     assert "nothing to do" in capsys.readouterr().out

@@ -12,8 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slurm.pipeline import (PipelineError, convert_stage, pretrain_stage,  # noqa: E402
-                            run_sequential, transfer_stage)
+from slurm.pipeline import PipelineError, build_stages, run_sequential  # noqa: E402
 from tools import plot_results, results_table  # noqa: E402
 from tools.make_synthetic_data import CorpusError, make_corpus  # noqa: E402
 
@@ -22,28 +21,16 @@ DETECTION_CONFIG = REPO / "configs/detection/demo_shapes_voc_R_18_C4.yaml"
 # The demo config is SANE (SLR + MM); MoCo v2 is the same trainer with both modules off and
 # the positive scored against the queue only (method.md, "Variants").
 BACKBONES = {
-    "demo_mocov2": ("method=mocov2", "slr.enabled=false", "mm.enabled=false",
-                    "model.in_batch_negatives=false"),
-    "demo_sane": (),
+    "demo_mocov2": (PRETRAIN_CONFIG, ("method=mocov2", "slr.enabled=false", "mm.enabled=false",
+                                      "model.in_batch_negatives=false")),
+    "demo_sane": (PRETRAIN_CONFIG, ()),
 }
-RANDOM_INIT = "random_init"
 
 
 def build_demo_stages(out, corpus, seeds):
-    """Pretrain + convert each backbone, then fine-tune from each (and from random init)."""
-    data_root = str(corpus / "imagefolder")
-    stages, transfers = [], []
-    for name, opts in BACKBONES.items():
-        pre_dir, weights = out / "pretrain" / name, out / "weights" / f"{name}.pkl"
-        stages.append(pretrain_stage(PRETRAIN_CONFIG, pre_dir, data_root, opts=opts, name=name))
-        stages.append(convert_stage(name, pre_dir, weights))
-        transfers += [(name, str(weights))]
-    transfers.append((RANDOM_INIT, ""))
-    for name, weights in transfers:
-        for seed in range(seeds):
-            run_dir = out / "transfer" / name / DETECTION_CONFIG.stem / f"seed{seed}"
-            stages.append(transfer_stage(DETECTION_CONFIG, weights, name, run_dir, seed))
-    return stages
+    """Pretrain + convert each backbone, fine-tune from each and from random init, the table."""
+    return build_stages(BACKBONES, corpus / "imagefolder", out, voc_configs=[DETECTION_CONFIG], seeds=seeds,
+                        random_init=True)
 
 
 def main(argv=None):
@@ -81,9 +68,8 @@ def main(argv=None):
     except PipelineError as e:
         sys.exit(f"demo: error: {e}")
 
-    # The table and figures are cheap: always rebuilt from what is on disk.
+    # results.md is the pipeline's last stage; the CSV and figures are cheap: always rebuilt.
     runs = [str(out / "pretrain"), str(out / "transfer")]
-    results_table.main([*runs, "--out", str(out / "results.md")])
     results_table.main([*runs, "--format", "csv", "--out", str(out / "results.csv")])
     plot_results.main([*runs, "--out", str(out / "plots")])
     print((out / "results.md").read_text())
