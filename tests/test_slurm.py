@@ -116,35 +116,63 @@ def test_random_init_baseline_and_a_table_that_follows_its_runs(capsys, tmp_path
 
 
 def test_rerun_waits_for_queued_jobs_instead_of_submitting_twice(capsys, tmp_path, image_root, monkeypatch):
-    """jobs.json records each stage's job; sacct (here a script printing fixed states, read by
-    Submitit's own SlurmJob) says which still run: those are waited for, the rest submitted."""
-    states = tmp_path / "sacct.txt"
+    """jobs.json records each stage's job; sacct, else squeue (here scripts printing fixed states,
+    sacct's read by Submitit's own SlurmJob) says which still run: those are waited for."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sacct").write_text(f"#!/bin/sh\necho 'JobID|State|NodeList'\ncat {states}\n")
-    (bin_dir / "sacct").chmod(0o755)
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\ncat {bin_dir}/sacct.out\n")
+    (bin_dir / "squeue").write_text(  # as squeue: the states on stdout, or an error on stderr
+        f"#!/bin/sh\nrc=$(cat {bin_dir}/squeue.rc)\n"
+        f"if [ $rc = 0 ]; then cat {bin_dir}/squeue.out; else cat {bin_dir}/squeue.out >&2; fi\nexit $rc\n")
+    for tool in ("sacct", "squeue"):
+        (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def cluster(sacct, squeue="", squeue_rc=0):
+        (bin_dir / "sacct.out").write_text("JobID|State|NodeList\n" + sacct)
+        (bin_dir / "squeue.out").write_text(squeue)
+        (bin_dir / "squeue.rc").write_text(str(squeue_rc))
+
     out = tmp_path / "pipe"
-    registry.record(out / "submitit" / "jobs.json", {
-        "pretrain/demo": {"job_id": "4242", "cluster": "slurm", "folder": str(out / "submitit" / "4242")},
-        "results": {"job_id": "4250", "cluster": "slurm", "folder": str(out / "submitit" / "4250")}})
+    jobs_file = out / "submitit" / "jobs.json"
+
+    def recorded(**ids):
+        registry.record(jobs_file, {name.replace("_", "/"): {"job_id": i, "cluster": "slurm",
+                                                             "folder": str(out / "submitit" / i)}
+                                    for name, i in ids.items()})
+
     argv = ["pipeline", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root", str(image_root),
             "--out", str(out), "--coco-config", "--cluster", "slurm"]
 
     def jobs():
         return re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", dry_run(capsys, *argv), flags=re.M)
 
-    states.write_text("4242|RUNNING|node7\n4250|PENDING|\n")
+    recorded(pretrain_demo="4242", results="4250")
+    cluster("4242|RUNNING|node7\n4250|PENDING|\n")
     # pretraining is still running: the conversion waits for its job; the queued table is submitted
     # again, because the fine-tunes it must read are new
     assert jobs() == [("convert/demo", "4242"), ("transfer/demo", "convert/demo"), ("results", "transfer/demo")]
-    states.write_text("4242|CANCELLED by 0|node7\n4250|CANCELLED by 0|\n")  # ended: submit again
+    cluster("4242|CANCELLED by 0|node7\n4250|CANCELLED by 0|\n")  # ended: submitted again
     assert jobs()[0] == ("pretrain/demo", "")
+
+    # no accounting (sacct knows nothing): squeue decides (Submitit caches ended jobs: new ids)
+    recorded(pretrain_demo="4260", results="4261")
+    cluster("", squeue="PENDING\n")
+    assert jobs()[0] == ("convert/demo", "4260")
+    recorded(pretrain_demo="4270", results="4271")
+    cluster("", squeue="slurm_load_jobs error: Invalid job id specified\n", squeue_rc=1)
+    assert jobs()[0] == ("pretrain/demo", "")  # the controller no longer holds it: ended
+    recorded(pretrain_demo="4280", results="4281")
+    cluster("", squeue="slurm_load_jobs error: Unable to contact slurm controller\n", squeue_rc=1)
+    assert submit.main(argv + ["--dry-run"]) == 2  # cannot tell: neither resubmit nor wait
+    assert "whether its job 4280 still runs" in capsys.readouterr().err
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # a job on this machine runs every stage in one process: a second one is refused
-        registry.record(out / "submitit" / "jobs.json", {
-            "pretrain/demo": {"job_id": str(sleeper.pid), "cluster": "local", "folder": str(tmp_path)}})
+        registry.record(jobs_file, {"pretrain/demo": {"job_id": str(sleeper.pid), "cluster": "local",
+                                                      "folder": str(tmp_path)},
+                                    "results": {"job_id": str(sleeper.pid), "cluster": "local",
+                                                "folder": str(tmp_path)}})
         assert submit.main(argv[:-1] + ["local", "--dry-run"]) == 2
         assert f"still RUNNING in job {sleeper.pid}" in capsys.readouterr().err
     finally:
