@@ -77,12 +77,14 @@ def results_stage(root, after=(), python=sys.executable):
                  refresh=True)
 
 
-def pending(stages):
-    """The stages to run, in order: those not complete, and a `refresh` stage whose inputs run."""
-    todo = []
+def pending(stages, settled=Stage.done):
+    """The stages to run, in order: those not `settled` (default: complete), and a `refresh` stage
+    whose inputs run."""
+    todo, names = [], set()
     for s in stages:
-        if not s.done() or (s.refresh and set(s.after) & {t.name for t in todo}):
+        if not settled(s) or (s.refresh and names.intersection(s.after)):
             todo.append(s)
+            names.add(s.name)
     return todo
 
 

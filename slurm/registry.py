@@ -38,7 +38,7 @@ def record(path, jobs):
     os.replace(tmp, path)
 
 
-def entry(job, cluster):
+def entry_of(job, cluster):
     return {"job_id": str(job.job_id), "cluster": cluster, "folder": str(job.paths.folder)}
 
 

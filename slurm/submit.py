@@ -226,12 +226,11 @@ def launch(args, stages, log=print):
         name, (job_id, state) = next(iter(queued.items()))
         raise UsageError(f"[{name}] is still {state} in job {job_id} on this machine (submitted earlier, "
                          f"{jobs_file}): let it finish or kill it, then run this again")
-    submit = []
-    for s in todo:  # a table still queued is submitted again if a run it reads is new
-        if s.name in queued and not (s.refresh and set(s.after) & {t.name for t in submit}):
+    # a queued stage is waited for; a queued table is submitted again if a run it reads is new
+    submit = pipeline.pending(todo, settled=lambda s: s.name in queued)
+    for s in todo:
+        if s not in submit:
             log(f"[{s.name}] {queued[s.name][1]} in job {queued[s.name][0]}: waited for, not submitted again")
-        else:
-            submit.append(s)
     if not submit:
         log("nothing to submit: the incomplete stages are in jobs still queued or running")
         return []
@@ -258,7 +257,7 @@ def launch(args, stages, log=print):
         job_of.update((s.name, job_id) for s in group)
         if cluster != "debug":  # (a debug job runs inside this process)
             owners = submitted if len(submitted) == len(group) else submitted * len(group)
-            registry.record(jobs_file, {s.name: registry.entry(job, cluster) for s, job in zip(group, owners)})
+            registry.record(jobs_file, {s.name: registry.entry_of(job, cluster) for s, job in zip(group, owners)})
         log(f"submitted {name}: job {job_id}" + (f" ({len(group)} array tasks)" if len(submitted) > 1 else "")
             + (f", {dep}" if dep else "") + f"; logs in {submitted[0].paths.folder}")
         jobs += submitted

@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from slurm.pipeline import PipelineError, build_stages, run_sequential  # noqa: E402
+from slurm.pipeline import PipelineError, build_stages, pending, run_sequential  # noqa: E402
 from tools import plot_results, results_table  # noqa: E402
 from tools.make_synthetic_data import CorpusError, make_corpus  # noqa: E402
 
@@ -57,8 +57,9 @@ def main(argv=None):
         print(f"[corpus] {args.num_train} train + {args.num_test} test images in {corpus}")
 
     stages = build_demo_stages(out, corpus, args.seeds)
+    todo = pending(stages)
     for i, stage in enumerate(stages, 1):
-        print(f"[{i}/{len(stages)}] {stage.name}" + (" (complete)" if stage.done() else ""), flush=True)
+        print(f"[{i}/{len(stages)}] {stage.name}" + ("" if stage in todo else " (complete)"), flush=True)
 
     def log(line):
         print(f"[demo {time.time() - start:6.0f} s] {line}", flush=True)
