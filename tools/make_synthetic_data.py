@@ -1,5 +1,7 @@
-"""Seeded synthetic "shapes" corpus: textured scenes of occluding shapes with boxes and masks,
-written once in the ImageFolder, Pascal VOC (VOC2007) and COCO layouts (docs/formats.md)."""
+"""Seeded synthetic "shapes" corpus with boxes and masks, written once in the ImageFolder, Pascal
+VOC (VOC2007) and COCO layouts (docs/formats.md). Two presets: `scenes`, textured scenes of 1-6
+occluding coloured shapes (detection), and `objects`, one grey shape on a plain dark ground, the
+object-centric corpus on which pretraining learns the classes in CPU minutes (docs/bench.md)."""
 import argparse
 import colorsys
 import io
@@ -9,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,28 @@ TARGET_AREA = (0.06, 0.14)
 OTHER_AREA = (0.008, 0.035)
 # Fraction of an object that must stay visible under later ones (partial, not total occlusion).
 MIN_VISIBLE = {"target": 0.7, "other": 0.45}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a corpus looks like: objects per image, the labelled object's area (fraction of the
+    image), and the painting: "textured" (random textured grounds, coloured shaded objects) or
+    "plain" (a fixed grey object on a fixed dark ground)."""
+    max_objects: int
+    target_area: tuple
+    paint: str
+
+
+# objects: what the image holds is its class alone. One object, large (a 0.4-1 crop keeps most
+# of it); a fixed grey on a fixed dark ground, so no colour, texture or brightness tells two
+# images apart and instance discrimination has to use the shape (with its size, aspect and
+# angle). On `scenes` the background and colours identify an image, which is what short
+# contrastive runs learn instead of the class (docs/bench.md).
+PRESETS = {
+    "scenes": Preset(MAX_OBJECTS, TARGET_AREA, "textured"),
+    "objects": Preset(1, (0.25, 0.5), "plain"),
+}
+PLAIN_GROUND, GREY_FILL = 35.0, 210.0
 
 
 class CorpusError(ValueError):
@@ -151,8 +176,9 @@ def _sample_object(rng, cls, area_range, size):
     return {"category": cls, "mask": mask, "full": int(mask.sum()), "truncated": truncated}
 
 
-def _compose(rng, target, size, min_pixels, max_objects=MAX_OBJECTS):
-    """Stack 1-6 objects back to front; refuse any that would hide too much of those below."""
+def _compose(rng, target, size, min_pixels, max_objects, target_area):
+    """Stack 1-max_objects objects back to front; refuse any that would hide too much of those
+    below."""
     n = int(rng.integers(1, max_objects + 1))
     slot = int(rng.integers(n))  # depth of the labelled object
     labels = np.zeros((size, size), np.int16)  # label map: index+1 of the visible object
@@ -161,7 +187,7 @@ def _compose(rng, target, size, min_pixels, max_objects=MAX_OBJECTS):
         is_target = i == slot
         for _ in range(6):
             cls = target if is_target else int(rng.integers(len(CLASSES)))
-            obj = _sample_object(rng, cls, TARGET_AREA if is_target else OTHER_AREA, size)
+            obj = _sample_object(rng, cls, target_area if is_target else OTHER_AREA, size)
             if obj["full"] < min_pixels:
                 continue
             trial = labels.copy()
@@ -176,7 +202,13 @@ def _compose(rng, target, size, min_pixels, max_objects=MAX_OBJECTS):
     return labels, objects
 
 
-def _paint(rng, size, objects, labels):
+def _paint(rng, size, objects, labels, preset):
+    if preset.paint == "plain":
+        img = np.full((size, size, 3), PLAIN_GROUND, np.float32)
+        for j in range(len(objects)):
+            img[labels == j + 1] = GREY_FILL
+        img += rng.normal(0, 4.0, img.shape).astype(np.float32)
+        return Image.fromarray(img.clip(0, 255).astype(np.uint8))
     img = _background(rng, size)
     bg_mean = img.reshape(-1, 3).mean(0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -193,8 +225,8 @@ def _paint(rng, size, objects, labels):
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def make_image(rng, target, size):
-    """One scene whose largest visible object has class `target`.
+def make_image(rng, target, size, preset=PRESETS["scenes"]):
+    """One scene (of `preset`) whose largest visible object has class `target`.
 
     Returns the PIL image and a list of visible instances (category, bool mask, truncated),
     back to front; masks are what remains visible after occlusion.
@@ -203,12 +235,12 @@ def make_image(rng, target, size):
     for attempt in range(20):
         # the last attempt is the target alone, which always satisfies the contract
         labels, objects = _compose(rng, target, size, min_pixels,
-                                   1 if attempt == 19 else MAX_OBJECTS)
+                                   1 if attempt == 19 else preset.max_objects, preset.target_area)
         areas = np.bincount(labels.ravel(), minlength=len(objects) + 1)[1:]
         keep = [j for j in range(len(objects)) if areas[j] >= min_pixels]
         if keep and objects[max(keep, key=lambda j: areas[j])]["category"] == target:
             break
-    image = _paint(rng, size, objects, labels)
+    image = _paint(rng, size, objects, labels, preset)
     instances = [{"category": objects[j]["category"], "mask": labels == j + 1,
                   "truncated": objects[j]["truncated"]} for j in keep]
     return image, instances
@@ -291,7 +323,9 @@ def _write_json(path, obj):
     _write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
 
 
-def _check_args(out, seed, num_train, num_test, size, overwrite):
+def _check_args(out, seed, num_train, num_test, size, overwrite, preset):
+    if preset not in PRESETS:
+        raise CorpusError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     for name, value in (("num_train", num_train), ("num_test", num_test), ("size", size)):
         if not isinstance(value, (int, np.integer)) or value <= 0:
             raise CorpusError(f"{name} must be a positive integer, got {value!r}")
@@ -315,14 +349,15 @@ def _check_args(out, seed, num_train, num_test, size, overwrite):
                           f"directory): choose a path you can write to")
 
 
-def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=False):
-    """Write the corpus to `out` (see docs/formats.md) and return it as a Path.
+def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=False,
+                preset="scenes"):
+    """Write the corpus of `preset` to `out` (see docs/formats.md) and return it as a Path.
 
     Built in a sibling staging folder and moved into place at the end, so `out` never
     holds half a corpus. Raises CorpusError for bad arguments or an unusable `out`.
     """
     out = Path(out).expanduser().absolute()
-    _check_args(out, seed, num_train, num_test, size, overwrite)
+    _check_args(out, seed, num_train, num_test, size, overwrite, preset)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -330,7 +365,7 @@ def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=Fa
         raise CorpusError(f"--out {out} is not writable ({e.strerror}): choose a path you can "
                           f"write to") from None
     try:
-        _write_corpus(stage, seed, num_train, num_test, size)
+        _write_corpus(stage, seed, num_train, num_test, size, preset)
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -344,7 +379,7 @@ def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=Fa
     return out
 
 
-def _write_corpus(root, seed, num_train, num_test, size):
+def _write_corpus(root, seed, num_train, num_test, size, preset):
     rng = np.random.default_rng(seed)
     splits = (("train", "trainval", num_train), ("val", "test", num_test))
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
@@ -356,7 +391,7 @@ def _write_corpus(root, seed, num_train, num_test, size):
             image_id += 1
             name = f"{image_id:06d}"
             # Round-robin over classes keeps every ImageFolder class in both splits.
-            image, instances = make_image(rng, i % len(CLASSES), size)
+            image, instances = make_image(rng, i % len(CLASSES), size, PRESETS[preset])
             buf = io.BytesIO()
             image.save(buf, format="JPEG", quality=JPEG_QUALITY)
             jpeg = buf.getvalue()
@@ -381,7 +416,8 @@ def _write_corpus(root, seed, num_train, num_test, size):
                      "licenses": [], "images": images, "annotations": anns,
                      "categories": categories})
     _write_json(root / "corpus.json",
-                {"generator": "tools/make_synthetic_data.py", "seed": seed,
+                {"generator": "tools/make_synthetic_data.py", "seed": seed, "preset": preset,
+                 "preset_values": asdict(PRESETS[preset]),
                  "num_train": num_train, "num_test": num_test, "size": size,
                  "classes": list(CLASSES), "jpeg_quality": JPEG_QUALITY,
                  "imagefolder_counts": counts})
@@ -394,12 +430,15 @@ def main(argv=None):
     parser.add_argument("--num-train", type=int, default=800)
     parser.add_argument("--num-test", type=int, default=200)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--preset", default="scenes", choices=sorted(PRESETS),
+                        help="scenes: 1-6 coloured shapes on textured grounds (default); "
+                             "objects: one grey shape on a plain ground (docs/bench.md)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing corpus in --out")
     args = parser.parse_args(argv)
     try:
         out = make_corpus(args.out, args.seed, args.num_train, args.num_test, args.size,
-                          args.overwrite)
+                          args.overwrite, args.preset)
     except CorpusError as e:
         print(f"make_synthetic_data.py: error: {e}", file=sys.stderr)
         return 2
