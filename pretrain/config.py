@@ -36,6 +36,7 @@ DEFAULTS = {
         "dim": 128,              # feature dim of the head output
         "head_depth": 2,         # linear layers in the MLP head (MoCo v2: 2; paper: 3)
         "head_hidden": 0,        # hidden width; 0 = backbone width (2048 for ResNet-50)
+        "head_bn": False,        # BN after hidden head layers (SimCLR / MoCo v3; MoCo v2: off)
         "queue": 65536,          # b
         "m": 0.999,              # EMA momentum of g_ξ
         "tau": 0.2,              # τ

@@ -20,14 +20,21 @@ def build_backbone(arch):
     return net
 
 
-def build_encoder(arch, dim, head_depth, head_hidden):
-    """ResNet whose .fc is the MLP head (MoCo's layout: fc.0, fc.2, ... are the Linears)."""
+def build_encoder(arch, dim, head_depth, head_hidden, head_bn=False):
+    """ResNet whose .fc is the MLP head (MoCo's layout: fc.0, fc.2, ... are the Linears).
+
+    head_bn: BatchNorm1d after each hidden Linear (SimCLR / MoCo v3's head; a recipe switch,
+    off in MoCo v2 and the paper). Without it a randomly initialised head maps every image
+    to nearly one direction, which small, short runs take long to leave.
+    """
     net = torchvision.models.__dict__[arch](weights=None)
     width = net.fc.in_features
     hidden = head_hidden or width
     layers, d_in = [], width
     for _ in range(head_depth - 1):
-        layers += [nn.Linear(d_in, hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(d_in, hidden, bias=not head_bn)]
+        layers += [nn.BatchNorm1d(hidden)] if head_bn else []
+        layers += [nn.ReLU(inplace=True)]
         d_in = hidden
     layers.append(nn.Linear(d_in, dim))
     net.fc = nn.Sequential(*layers)
@@ -69,14 +76,14 @@ class MoCo(nn.Module):
     """
 
     def __init__(self, arch="resnet50", dim=128, K=65536, m=0.999, T=0.2, head_depth=2,
-                 head_hidden=0, in_batch=True, slr=None, mm=None, shuffle_bn=True,
+                 head_hidden=0, head_bn=False, in_batch=True, slr=None, mm=None, shuffle_bn=True,
                  shuffle_splits=2):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.in_batch, self.slr, self.mm = in_batch, slr, mm
         self.shuffle_bn, self.shuffle_splits = shuffle_bn, shuffle_splits
-        self.encoder_q = build_encoder(arch, dim, head_depth, head_hidden)
-        self.encoder_k = build_encoder(arch, dim, head_depth, head_hidden)
+        self.encoder_q = build_encoder(arch, dim, head_depth, head_hidden, head_bn)
+        self.encoder_k = build_encoder(arch, dim, head_depth, head_hidden, head_bn)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad = False
@@ -201,7 +208,7 @@ def build_model(cfg):
     mc = cfg.model
     return MoCo(
         arch=mc.arch, dim=mc.dim, K=mc.queue, m=mc.m, T=mc.tau, head_depth=mc.head_depth,
-        head_hidden=mc.head_hidden, in_batch=mc.in_batch_negatives,
+        head_hidden=mc.head_hidden, head_bn=mc.head_bn, in_batch=mc.in_batch_negatives,
         slr=dict(cfg.slr) if cfg.slr.enabled else None,
         mm=dict(cfg.mm) if cfg.mm.enabled else None,
         shuffle_bn=mc.shuffle_bn, shuffle_splits=mc.shuffle_bn_splits,
