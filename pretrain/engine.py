@@ -137,7 +137,6 @@ def train(cfg):
         try:
             out.mkdir(parents=True, exist_ok=True)
             remove_stale_temp(out)
-            save_config(cfg, out / "config.yaml")
         except OSError as e:
             raise utils.UserError(f"output_dir={out} cannot be written ({e.strerror or e}: "
                                   f"{e.filename or out}): pass a writable output_dir=PATH") from None
@@ -196,7 +195,8 @@ def train(cfg):
         if it > total_iters:
             raise utils.UserError(f"{ckpts.kept[0]} is at iteration {it}, past epochs={cfg.epochs} "
                                   f"({total_iters} iterations): pass epochs >= {-(-it // ipe)}")
-    if rank == 0:
+    if rank == 0:  # the config is saved once the run is known to start (or resume) here
+        save_config(cfg, out / "config.yaml")
         rewind_metrics(out / "metrics.jsonl", it)  # what ran after the checkpoint runs again
         if it < total_iters:  # not complete (any more): done.json would describe another run
             (out / "done.json").unlink(missing_ok=True)
