@@ -269,7 +269,7 @@ def test_config_guard_decisions():
 
 def test_epochs_below_the_checkpoint_are_refused(images, tmp_path):
     out = tmp_path / "run"
-    train(cfg_for(images, out, "epochs=2"))
+    train(cfg_for(images, out, "epochs=2", "max_iters_this_run=7"))
     with pytest.raises(UserError, match="past epochs=1"):
         train(cfg_for(images, out, "epochs=1", "resume_allow=[epochs]"))
 
@@ -391,8 +391,8 @@ def test_multiproc_kills_a_hung_process_tree_and_reports_its_output(tmp_path):
             f"time.sleep(600)']); open({str(pidfile)!r}, 'w').write(str(p.pid)); print('rank 0 waiting', "
             "flush=True); time.sleep(600)")
     with pytest.raises(ProcessesFailed) as e:
-        run_processes([[sys.executable, "-c", hang], [sys.executable, "-c", "print('rank 1 done')"]], timeout=5)
-    assert "timed out after 5 s" in str(e.value) and "rank 0 waiting" in str(e.value)
+        run_processes([[sys.executable, "-c", hang], [sys.executable, "-c", "print('rank 1 done')"]], timeout=3)
+    assert "timed out after 3 s" in str(e.value) and "rank 0 waiting" in str(e.value)
     assert "rank 1 done" in str(e.value)
     pid = int(pidfile.read_text())
     assert not alive(pid)  # the grandchild went with it
