@@ -1,5 +1,7 @@
 """Launch the suite's stages with Submitit: `python slurm/submit.py {pretrain,transfer,pipeline}
-[options] [-- stage args]`; Slurm jobs requeue and resume on timeout, --dry-run submits nothing."""
+[options] [-- stage args]`; Slurm jobs requeue and resume on timeout, --dry-run submits nothing.
+Exit codes: 2 bad input (options, files, stage args: all checked before anything is submitted),
+1 a job it waited for failed (--wait, --cluster debug), 0 otherwise."""
 import argparse
 import os
 import shlex

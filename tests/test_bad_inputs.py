@@ -200,6 +200,10 @@ CASES = [
     ("synthetic-data-output-unwritable", ["tools/make_synthetic_data.py", "--out", "{d}/afile/c",
                                           "--num-train", "2", "--num-test", "1", "--size", "32"], 2,
      ["afile/c"]),
+    ("benchmark-output-unwritable", ["tools/benchmark.py", "--cpu", "--json", "{d}/afile/b.json"], 2,
+     ["--json", "afile/b.json", "cannot be written"]),
+    ("theorem2-output-unwritable", ["tools/theorem2.py", "--plot", "{d}/afile/t.png"], 2,
+     ["--plot", "afile/t.png", "cannot be written"]),
     ("submit-output-unwritable", submit("pretrain", "--config", "configs/pretrain/demo.yaml", "--output-dir",
                                         "{d}/afile/run", "--data-root", "{data}", "--cluster", "slurm"), 2,
      ["--output-dir", "afile/run", "writable"]),
@@ -236,14 +240,15 @@ def entry_points():
     from pretrain import linear
     from pretrain.__main__ import main as pretrain_main
     from slurm import submit as submit_mod
-    from tools import convert_checkpoint, make_synthetic_data, plot_results, results_table
+    from tools import benchmark, convert_checkpoint, make_synthetic_data, plot_results, results_table, theorem2
     from transfer import train_net
 
     return {("tools/convert_checkpoint.py",): convert_checkpoint.main, ("-m", "pretrain"): pretrain_main,
             ("-m", "pretrain.linear"): lambda argv: linear.main(argv) and 0,
             ("transfer/train_net.py",): train_net.cli, ("slurm/submit.py",): submit_mod.main,
             ("tools/results_table.py",): results_table.main, ("tools/plot_results.py",): plot_results.main,
-            ("tools/make_synthetic_data.py",): make_synthetic_data.main}
+            ("tools/make_synthetic_data.py",): make_synthetic_data.main, ("tools/benchmark.py",): benchmark.main,
+            ("tools/theorem2.py",): theorem2.main}
 
 
 def run(cmd, capfd, env):

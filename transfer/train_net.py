@@ -1,6 +1,7 @@
 """Fine-tune a converted backbone with Detectron2 (MoCo detection protocol), as Detectron2's
 tools/train_net.py; writes OUTPUT_DIR/final_metrics.json (docs/formats.md) after the last evaluation,
-OUTPUT_DIR/failed.json when it fails. Weights are loaded safely (transfer/checkpoint.py).
+OUTPUT_DIR/failed.json when it fails. Weights are loaded safely (transfer/checkpoint.py); bad input
+(config, datasets, weights that are unsafe, damaged or do not fit, OUTPUT_DIR) is one line, exit 2.
 
     python transfer/train_net.py --config-file configs/detection/voc_R_50_C4_24k.yaml \
         --num-gpus 8 MODEL.WEIGHTS backbone.pkl OUTPUT_DIR out/voc SEED 0
