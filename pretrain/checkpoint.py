@@ -147,6 +147,18 @@ class RunCheckpoints:
                             "start this run over")
         return None
 
+    def restore(self, ckpt, model, optimizer, scaler):
+        """Load the resumed state; a checkpoint of another model is one line, not a traceback."""
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.kept[0]}: does not fit this run's model ({first[:200]}); it "
+                            "belongs to another config: use a new output_dir") from None
+
     def stop(self, reason):
         """The error that ends a run whose state went non-finite: one line, with what is kept."""
         if self.kept:

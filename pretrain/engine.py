@@ -183,9 +183,7 @@ def train(cfg):
     ckpt = ckpts.resume(log)
     skipped = SkippedImages.from_state(ckpt.get("skipped_images") if ckpt else None)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        ckpts.restore(ckpt, model, optimizer, scaler)
         it, last_knn = ckpt["iter"], ckpt.get("knn_top1")
         if world == 1:
             utils.set_rng_state(ckpt["rng"])

@@ -93,6 +93,9 @@ def files(tmp_path_factory, corpus):
                           ("pre_list", (d / "list.pth").read_bytes())):
         (d / name).mkdir()
         (d / name / "checkpoint.pth").write_bytes(content)
+    (d / "pre_other").mkdir()  # another model's checkpoint (and no config.yaml to tell)
+    torch.save({"model": {"encoder_q.conv1.weight": torch.zeros(1)}, "optimizer": {}, "iter": 3, "config": {}},
+               d / "pre_other" / "checkpoint.pth")
     (d / "det_empty").mkdir()
     (d / "det_empty" / "last_checkpoint").write_text("")
     (d / "det_truncated").mkdir()
@@ -155,6 +158,7 @@ CASES = [
      ["pre_truncated/checkpoint.pth", "truncated", "no earlier good checkpoint"]),
     ("pretrain-zero-byte-checkpoint", pre("{d}/pre_empty"), 2, ["pre_empty/checkpoint.pth", "empty"]),
     ("pretrain-not-a-checkpoint", pre("{d}/pre_list"), 2, ["pre_list/checkpoint.pth", "not a pretraining checkpoint"]),
+    ("pretrain-another-models-checkpoint", pre("{d}/pre_other"), 2, ["pre_other/checkpoint.pth", "does not fit"]),
     ("detectron2-empty-last-checkpoint", det("--resume", "OUTPUT_DIR", "{d}/det_empty", "MODEL.WEIGHTS",
                                              "{d}/r18.pkl"), 2, ["last_checkpoint is empty", "remove"]),
     ("detectron2-truncated-snapshot", det("--resume", "OUTPUT_DIR", "{d}/det_truncated", "MODEL.WEIGHTS",
