@@ -1,6 +1,8 @@
 """Entry point: `python -m pretrain --config configs/pretrain/NAME.yaml [key=value ...]`.
 
-Bad input (config key, data folder) prints one line naming the fix and exits with code 2.
+Bad input (config key or value, data folder, an output_dir holding another run, a damaged or
+unsafe checkpoint, an unwritable output_dir) prints one line naming the fix and exits with code 2;
+so does a run whose loss or weights go NaN/Inf (the line names the iteration and the checkpoint kept).
 """
 import argparse
 import sys

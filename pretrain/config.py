@@ -17,6 +17,7 @@ DEFAULTS = {
     "cpu_threads": 0,            # >0: torch.set_num_threads on CPU (0 = PyTorch's default)
     "deterministic": False,      # bit-exact mode: deterministic kernels, num_workers 0
     "max_iters_this_run": 0,     # >0: stop (and checkpoint) after this many steps; resume later
+    "resume_allow": [],          # keys of RESUME_ALLOWED that may differ from output_dir's config
     "compile": False,            # torch.compile the encoders
     "amp": "bf16",               # bf16 | none; autocast on CUDA only
     "channels_last": True,       # CUDA only
@@ -174,6 +175,7 @@ def load_config(path=None, overrides=()):
         _set(cfg, key.strip(), yaml.safe_load(value) if value != "" else "", "command line")
     cfg = Config.wrap(cfg)
     validate(cfg)
+    check_ranges(cfg)
     return cfg
 
 
@@ -204,3 +206,140 @@ def save_config(cfg, path):
     from pretrain.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# Values a run cannot use, found with the config rather than at step 1 (or never: epochs=0
+# used to write a done.json pointing at no checkpoint). (key, test, what it must be)
+RANGES = (
+    ("epochs", lambda v: v >= 1, ">= 1"),
+    ("max_iters_this_run", lambda v: v >= 0, ">= 0 (0: no limit)"),
+    ("cpu_threads", lambda v: v >= 0, ">= 0 (0: PyTorch's default)"),
+    ("data.crop", lambda v: v >= 1, ">= 1 pixel"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1 (the total over all processes)"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("model.dim", lambda v: v >= 1, ">= 1"),
+    ("model.head_hidden", lambda v: v >= 0, ">= 0 (0: the backbone's width)"),
+    ("model.queue", lambda v: v >= 1, ">= 1"),
+    ("model.m", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("model.tau", lambda v: v > 0, "> 0"),
+    ("model.shuffle_bn_splits", lambda v: v >= 1, ">= 1"),
+    ("slr.tau_prime", lambda v: v > 0, "> 0"),
+    ("mm.kappa", lambda v: v > 0, "> 0 (Beta(kappa, kappa))"),
+    ("mm.lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.lr", lambda v: v >= 0, ">= 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("log.every_iters", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.every_iters", lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
+    ("checkpoint.save_every_epochs", lambda v: v >= 0, ">= 0 (0: no snapshots)"),
+    ("knn.every_epochs", lambda v: v >= 0, ">= 0 (0: no kNN monitor)"),
+    ("knn.k", lambda v: v >= 1, ">= 1"),
+    ("knn.t", lambda v: v > 0, "> 0"),
+    ("knn.max_train_images", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("knn.batch_size", lambda v: v >= 1, ">= 1"),
+)
+
+
+def _get(d, key):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def check_ranges(cfg):
+    """One UserError line naming the first key whose value no run can use, and the range."""
+    for key, ok, must in RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise UserError(f"config: {key}={value!r} is out of range: it must be {must}")
+    for key in ("data.scale", "data.small_scale"):
+        v = _get(cfg, key)
+        if len(v) != 2 or not 0 < v[0] <= v[1] <= 1:
+            raise UserError(f"config: {key}={v!r} must be [low, high] with 0 < low <= high <= 1")
+    if cfg.mm.enabled and min(cfg.mm.crops) < 1:
+        raise UserError(f"config: mm.crops={cfg.mm.crops!r}: every size must be >= 1 pixel")
+    if cfg.model.queue < cfg.data.batch_size:
+        # every step enqueues the whole global batch of keys
+        raise UserError(f"config: model.queue={cfg.model.queue} is smaller than data.batch_size="
+                        f"{cfg.data.batch_size}: the queue must hold at least one batch of keys")
+    bad = [k for k in cfg.resume_allow if k not in RESUME_ALLOWED]
+    if bad:
+        raise UserError(f"config: resume_allow={cfg.resume_allow!r}: {', '.join(map(str, bad))} cannot "
+                        f"change on resume; only {', '.join(RESUME_ALLOWED)} can")
+
+
+# Resuming in an output_dir that holds a run (a checkpoint or done.json) with another config
+# would mix two experiments under one name, so a run compares its config with the saved
+# config.yaml first. Keys that never change the weights may differ freely; RESUME_ALLOWED keys
+# change the result but leave the checkpoint resumable (extend `epochs`, move `data.root`, another
+# device), and may differ only when named in the new run's `resume_allow` (an explicit
+# `resume_allow=[epochs]`). Anything else: use a new output_dir.
+RESUME_FREE = ("output_dir", "max_iters_this_run", "cpu_threads", "resume_allow", "data.num_workers",
+               "log.*", "knn.*", "checkpoint.*")
+RESUME_ALLOWED = ("epochs", "data.root", "device", "compile", "channels_last")
+
+
+def _free_on_resume(key):
+    return any(key == f or (f.endswith(".*") and key.startswith(f[:-1])) for f in RESUME_FREE)
+
+
+def config_differences(saved, cfg):
+    """[(key, saved value, new value)] over the keys that matter on resume; a key the saved
+    config lacks (written by an older version) counts as its default."""
+    diffs = []
+    for key in _flat_keys(DEFAULTS):
+        if _free_on_resume(key):
+            continue
+        default, old = _get(DEFAULTS, key), _get(DEFAULTS, key)
+        if _has(saved, key):
+            old = _get(saved, key)
+            try:
+                old = _coerce(old, default, key, "saved config")
+            except UserError:
+                pass  # compared as written: it differs
+        new = _get(cfg, key)
+        if old != new:
+            diffs.append((key, old, new))
+    return diffs
+
+
+def _has(d, key):
+    try:
+        _get(d, key)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def read_config_file(path):
+    """The mapping a saved config.yaml holds (UserError, one line, if it cannot be read)."""
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot be read ({e}); restore it or use a new output_dir") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: not a config mapping; restore it or use a new output_dir")
+    return d
+
+
+def check_resumable(saved, cfg, source="output_dir/config.yaml"):
+    """Refuse (UserError, one line) a config that differs from the `saved` one (a dict read from
+    `source`) in a key that changes the result, unless the key is in RESUME_ALLOWED and named in
+    cfg.resume_allow. Returns the accepted differences, for the log."""
+    diffs = config_differences(saved, cfg)
+    blocking = [d for d in diffs if d[0] not in cfg.resume_allow]
+    if not blocking:
+        return diffs
+    listed = ", ".join(f"{k} (saved {old!r}, now {new!r})" for k, old, new in blocking)
+    fixable = [k for k, _, _ in blocking if k in RESUME_ALLOWED]
+    allow = "resume_allow=[" + ",".join(sorted(set(cfg.resume_allow) | set(fixable))) + "]"
+    if len(fixable) == len(blocking):
+        how = f"use a new output_dir, or continue this run with the change: add {allow}"
+    elif fixable:
+        how = (f"use a new output_dir ({', '.join(fixable)} alone could change on resume "
+               f"with {allow})")
+    else:
+        how = "use a new output_dir (or restore the saved values to resume this run)"
+    raise UserError(f"{source} belongs to a run with another config: {listed}; these change the "
+                    f"result: {how}")

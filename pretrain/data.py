@@ -30,7 +30,7 @@ class ImageDataset(Dataset):
 
     A file that fails to decode is skipped: a warning names it, the next image is used in
     its place (the batch keeps its size, as DDP's collectives need) and the view dict of
-    the sample records `skipped`.
+    the sample records the indices of the files it skipped under `skipped`.
     """
 
     def __init__(self, root, transform):
@@ -56,7 +56,7 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        skipped = 0
+        skipped = []
         for _ in range(len(self.samples)):
             path, target = self.samples[index]
             try:
@@ -65,7 +65,7 @@ class ImageDataset(Dataset):
                 break
             except (OSError, ValueError, UnidentifiedImageError) as e:
                 warnings.warn(f"skipping corrupted image {path}: {e}", RuntimeWarning)
-                skipped += 1
+                skipped.append(index)
                 index = (index + 1) % len(self.samples)
         else:
             raise UserError(f"{self.root}: no image could be decoded")
@@ -115,13 +115,14 @@ class MultiCropTransform:
 
 
 def collate_views(samples):
-    """[(views, label)] -> ({"q": [B,3,H,W], "k": ..., "mm": [[B,3,h,w], ...], "skipped"}, labels)."""
+    """[(views, label)] -> ({"q": [B,3,H,W], "k": ..., "mm": [[B,3,h,w], ...], "skipped": [file
+    indices]}, labels)."""
     views = [s[0] for s in samples]
     batch = {
         "q": torch.stack([v["q"] for v in views]),
         "k": torch.stack([v["k"] for v in views]),
         "mm": [torch.stack([v["mm"][j] for v in views]) for j in range(len(views[0]["mm"]))],
-        "skipped": sum(v.get("skipped", 0) for v in views),
+        "skipped": [i for v in views for i in v.get("skipped", ())],
     }
     return batch, torch.tensor([s[1] for s in samples], dtype=torch.long)
 
@@ -132,3 +133,37 @@ def build_train_dataset(cfg):
     mm_crops = cfg.mm.crops if cfg.mm.enabled else []
     tf = MultiCropTransform(d.crop, d.scale, d.small_scale, mm_crops, d.strong_mm)
     return ImageDataset(check_split_dir(d.root, "train"), tf)
+
+
+class SkippedImages:
+    """The undecodable images of a run: distinct files (sample indices of the CPU path), not
+    retries, counted on across a resume (the checkpoint keeps `state()`). The GPU path only knows
+    how many images of a batch failed: those counts are added as they come."""
+
+    def __init__(self, files=(), count=0):
+        self.files, self.count = set(files), count
+
+    @classmethod
+    def from_state(cls, state):
+        state = state if isinstance(state, dict) else {}
+        return cls(state.get("files", ()), state.get("count", 0))
+
+    def state(self):
+        return {"files": sorted(self.files), "count": self.count}
+
+    def add(self, skipped):
+        if isinstance(skipped, int):
+            self.count += skipped
+        else:
+            self.files.update(int(i) for i in skipped)
+
+    def total(self, world=1):
+        """Distinct files over every process (a collective when world > 1) plus GPU-path counts."""
+        if world > 1:
+            import torch.distributed as dist
+
+            parts = [None] * world
+            dist.all_gather_object(parts, (sorted(self.files), self.count))
+            self.files.update(i for files, _ in parts for i in files)
+            return len(self.files) + sum(c for _, c in parts)
+        return len(self.files) + self.count

@@ -10,7 +10,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import utils
-from pretrain.config import save_config
+from pretrain.checkpoint import RunCheckpoints, has_run_state, remove_stale_temp, rewind_metrics
+from pretrain.config import check_resumable, read_config_file, save_config
+from pretrain.data import SkippedImages
 from pretrain.gpu_augment import gpu_batches
 from pretrain.losses import mu_schedule
 from pretrain.model import build_model
@@ -93,10 +95,11 @@ def autocast_ctx(cfg, device):
     return contextlib.nullcontext()
 
 
-def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe, knn_top1=None):
+def checkpoint_state(cfg, model, optimizer, scaler, it, ipe, knn_top1=None, skipped=None):
+    """The checkpoint dict (docs/formats.md); pretrain.checkpoint checks and writes it."""
     m = model.module if hasattr(model, "module") else model
     state = m.state_dict()
-    utils.atomic_torch_save({
+    return {
         "model": state,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -107,7 +110,8 @@ def save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe, knn_top1=None)
         "config": cfg.to_dict(),
         "rng": utils.get_rng_state(),
         "knn_top1": knn_top1,
-    }, path)
+        "skipped_images": skipped.state() if skipped is not None else None,
+    }
 
 
 def configure_determinism(cfg):
@@ -126,10 +130,20 @@ def train(cfg):
     """Run (or resume) the pretraining described by `cfg` in cfg.output_dir."""
     rank, world, device = utils.init_distributed(cfg.device)
     out = Path(cfg.output_dir or "output/pretrain")
+    accepted = []
+    if has_run_state(out) and (out / "config.yaml").is_file():  # another run's directory?
+        accepted = check_resumable(read_config_file(out / "config.yaml"), cfg, out / "config.yaml")
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp(out)
+        except OSError as e:
+            raise utils.UserError(f"output_dir={out} cannot be written ({e.strerror or e}: "
+                                  f"{e.filename or out}): pass a writable output_dir=PATH") from None
     log = utils.setup_logger(out, rank)
+    if accepted:
+        log.info("config changed on resume (resume_allow): "
+                 + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in accepted))
     configure_determinism(cfg)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         # leave cores to the loader workers: oversubscribed small CPUs run many times slower
@@ -165,17 +179,25 @@ def train(cfg):
 
     it, last_knn = 0, None
     ckpt_path = out / "checkpoint.pth"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+    ckpts = RunCheckpoints(out)
+    ckpt = ckpts.resume(log)
+    skipped = SkippedImages.from_state(ckpt.get("skipped_images") if ckpt else None)
+    if ckpt is not None:
+        ckpts.restore(ckpt, model, optimizer, scaler)
         it, last_knn = ckpt["iter"], ckpt.get("knn_top1")
         if world == 1:
             utils.set_rng_state(ckpt["rng"])
         else:
             utils.seed_all(cfg.seed + rank + 7919 * it)
-        log.info(f"resumed from {ckpt_path} at iteration {it} (epoch {it // ipe})")
+        log.info(f"resumed from {ckpts.kept[0]} at iteration {it} (epoch {it // ipe})")
+        if it > total_iters:
+            raise utils.UserError(f"{ckpts.kept[0]} is at iteration {it}, past epochs={cfg.epochs} "
+                                  f"({total_iters} iterations): pass epochs >= {-(-it // ipe)}")
+    if rank == 0:  # the config is saved once the run is known to start (or resume) here
+        save_config(cfg, out / "config.yaml")
+        rewind_metrics(out / "metrics.jsonl", it)  # what ran after the checkpoint runs again
+        if it < total_iters:  # not complete (any more): done.json would describe another run
+            (out / "done.json").unlink(missing_ok=True)
     if cfg.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
@@ -191,10 +213,13 @@ def train(cfg):
         from tqdm import tqdm
         progress = tqdm(total=total_iters, initial=it, dynamic_ncols=True, desc=cfg.method)
 
-    ran, skipped_total = 0, 0
+    ran = 0
 
-    def checkpoint(path):  # reads it and last_knn when called
-        save_checkpoint(path, cfg, model, optimizer, scaler, it, ipe, last_knn)
+    def checkpoint(path):  # reads it and last_knn when called; every rank checks, rank 0 writes
+        state = checkpoint_state(cfg, model, optimizer, scaler, it, ipe, last_knn, skipped)
+        ckpts.check(state, it)
+        if rank == 0:
+            ckpts.save(state, path, it)
 
     sums = {}
     timer = utils.Throughput()
@@ -208,7 +233,7 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             mu = mu_schedule(it, total_iters, cfg.slr.mu_start, cfg.slr.mu_end)
-            skipped_total += int(batch.get("skipped", 0))
+            skipped.add(batch.get("skipped", 0))
             im_q, im_k, mm = (to_device(batch[n], device, cfg) for n in ("q", "k", "mm"))
             labels = labels.to(device, non_blocking=True) if has_labels else None
             with autocast_ctx(cfg, device):
@@ -224,26 +249,27 @@ def train(cfg):
                 sums[k] = sums.get(k, 0) + v
             sums["_n"] = sums.get("_n", 0) + 1
             if it % cfg.log.every_iters == 0 or it % ipe == 0:
-                log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped_total)
+                try:
+                    log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped.total(world))
+                except FloatingPointError as e:  # the loss went NaN/Inf: say what is kept
+                    raise ckpts.stop(str(e)) from None
                 sums = {}
             elif progress is not None:
                 progress.update(1)
             if cfg.max_iters_this_run and ran >= cfg.max_iters_this_run:
-                if rank == 0:
-                    checkpoint(ckpt_path)
+                checkpoint(ckpt_path)
                 log.info(f"stopping after {ran} iterations as max_iters_this_run asks; "
                          f"rerun the same command to resume")
                 finish(progress, metrics)
                 return None
-            if cfg.checkpoint.every_iters and it % cfg.checkpoint.every_iters == 0 and rank == 0:
+            if cfg.checkpoint.every_iters and it % cfg.checkpoint.every_iters == 0:
                 checkpoint(ckpt_path)
         done_epochs = epoch + 1
         if cfg.knn.every_epochs and (done_epochs % cfg.knn.every_epochs == 0 or done_epochs == cfg.epochs):
             last_knn = run_knn(cfg, model, device, rank, world, log, metrics, done_epochs, it)
-        if rank == 0:
-            checkpoint(ckpt_path)
-            if cfg.checkpoint.save_every_epochs and done_epochs % cfg.checkpoint.save_every_epochs == 0:
-                checkpoint(out / f"checkpoint_{done_epochs:04d}.pth")
+        checkpoint(ckpt_path)
+        if cfg.checkpoint.save_every_epochs and done_epochs % cfg.checkpoint.save_every_epochs == 0:
+            checkpoint(out / f"checkpoint_{done_epochs:04d}.pth")
     finish(progress, metrics)
     if rank == 0:
         utils.atomic_write_json(out / "done.json", {

@@ -17,6 +17,7 @@ from torchvision import datasets, transforms
 from pretrain.data import MEAN, STD, eval_transform
 from pretrain.knn import extract_features
 from pretrain.model import build_backbone, load_backbone_state
+from pretrain.safe_load import WeightsFileError, load_torch
 from pretrain.utils import MetricLogger, UserError, atomic_write_json, cosine_lr, seed_all
 
 # The paper's protocols (method.md). Features are extracted once with the test transform and
@@ -44,10 +45,9 @@ def read_backbone_state(path):
         raise UserError(f"checkpoint {path} not found; pass --checkpoint PATH to a "
                         "pretraining checkpoint.pth or a torchvision/MoCo state dict")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors carry no hint about the file
-        raise UserError(f"checkpoint {path} cannot be read as a torch state dict "
-                        f"({type(e).__name__}); pass a .pth written by torch.save") from None
+        ckpt = load_torch(path)  # weights_only: a checkpoint from elsewhere runs no code
+    except WeightsFileError as e:
+        raise UserError(f"checkpoint {e}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} is not a dict of weights")
     if isinstance(ckpt.get("state_dict"), dict):  # MoCo main_moco: keep the query encoder
@@ -269,10 +269,14 @@ def run_probe(args):
         train_set, test_set = image_folders(args.data, train_tf if cfg["augment"] else test_tf, test_tf)
         num_outputs = len(train_set.classes)
     out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # the resolved settings next to the results (design.md: every run saves its config)
-    atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, "arch": arch,
-                                                       "device": str(device)})
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # the resolved settings next to the results (design.md: every run saves its config)
+        atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, "arch": arch,
+                                                           "device": str(device)})
+    except OSError as e:
+        raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
+                        "writable --output-dir") from None
 
     train_loader, test_loader = (DataLoader(
         ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,

@@ -51,14 +51,6 @@ def cosine_lr(base_lr, it, total_iters, warmup_iters=0):
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temp file in the same folder, then os.replace: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def atomic_write_text(path, text):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -1,5 +1,7 @@
 """Launch the suite's stages with Submitit: `python slurm/submit.py {pretrain,transfer,pipeline}
-[options] [-- stage args]`; Slurm jobs requeue and resume on timeout, --dry-run submits nothing."""
+[options] [-- stage args]`; Slurm jobs requeue and resume on timeout, --dry-run submits nothing.
+Exit codes: 2 bad input (options, files, stage args: all checked before anything is submitted),
+1 a job it waited for failed (--wait, --cluster debug), 0 otherwise."""
 import argparse
 import os
 import shlex
@@ -102,8 +104,73 @@ def check_inputs(args):
     root = getattr(args, "data_root", None)
     if root and not (Path(root) / "train").is_dir():
         raise UsageError(f"--data-root {root}: no {root}/train/ folder (an ImageFolder root is needed)")
+    check_numbers(args)
     if args.cluster in ("local", "debug") and max(args.nodes, getattr(args, "transfer_nodes", 1)) > 1:
         raise UsageError(f"--nodes > 1 needs --cluster slurm ({args.cluster} runs on this machine)")
+    check_stage_overrides(args)
+    if not args.dry_run:  # (a dry run writes nothing)
+        out = {"pretrain": "output_dir", "transfer": "output_root", "pipeline": "out"}[args.command]
+        for flag, folder in ((f"--{out.replace('_', '-')}", getattr(args, out)),
+                             ("--job-dir", args.job_dir and args.job_dir.split("%j")[0])):
+            if folder and not writable(folder):
+                raise UsageError(f"{flag} {folder}: cannot be written (not a writable folder); pass "
+                                 "a writable path")
+
+
+# (flag, attribute, lowest value, what it counts) for the numbers a job cannot run with
+NUMBERS = (("--nodes", "nodes", 1, "nodes per job"), ("--transfer-nodes", "transfer_nodes", 1, "nodes"),
+           ("--gpus-per-node", "gpus_per_node", 0, "GPUs (0: a CPU job)"),
+           ("--cpus-per-task", "cpus_per_task", 1, "CPUs"), ("--timeout-min", "timeout_min", 1, "minutes"),
+           ("--max-requeues", "max_requeues", 0, "requeues"), ("--signal-delay-s", "signal_delay_s", 0, "seconds"),
+           ("--seeds", "seeds", 1, "fine-tunes per config"), ("--coco-seeds", "coco_seeds", 0, "COCO fine-tunes"),
+           ("--first-seed", "first_seed", 0, "the first seed"), ("--epochs", "epochs", 1, "epochs"))
+
+
+def check_numbers(args):
+    """One UsageError line for the first option out of range (argparse only checks the type)."""
+    for flag, attr, low, what in NUMBERS:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise UsageError(f"{flag} {value}: must be >= {low} ({what})")
+
+
+def check_stage_overrides(args):
+    """Stage args each stage would refuse, found before anything is submitted: pretraining
+    overrides through pretrain.config, Detectron2 opts through train_net's own config loader."""
+    try:
+        pre = shlex.split(args.pretrain_opts) if args.command == "pipeline" else list(args.stage_args)
+        det = shlex.split(args.transfer_opts) if args.command == "pipeline" else list(args.stage_args)
+    except ValueError as e:  # unbalanced quotes
+        raise UsageError(f"--pretrain-opts / --transfer-opts do not parse ({e})") from None
+    if args.command in ("pretrain", "pipeline"):
+        from pretrain.config import load_config
+        from pretrain.utils import UserError
+
+        configs = [args.config] if args.command == "pretrain" else args.pretrain_config
+        given = [f"epochs={args.epochs}"] if args.epochs else []
+        for c in configs:
+            try:
+                load_config(c, given + pre)
+            except UserError as e:
+                raise UsageError(f"pretraining overrides {shlex.join(pre) or '(none)'}: {e}") from None
+    if args.command in ("transfer", "pipeline"):
+        from transfer.train_net import load_config
+
+        configs = args.config_file if args.command == "transfer" else [*args.voc_config, *args.coco_config]
+        for c in configs:
+            try:
+                load_config(argparse.Namespace(config_file=c, opts=list(det)))
+            except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type, odd list
+                raise UsageError(f"{c}: Detectron2 overrides {shlex.join(det) or '(none)'} do not "
+                                 f"apply ({e}); use KEY VALUE pairs of detectron2/config/defaults.py") from None
+
+
+def writable(folder):
+    """Can this process create or write `folder` (the nearest existing parent is a writable dir)?"""
+    p = Path(folder).resolve()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK)
 
 
 def stages_for(args):
@@ -283,9 +350,14 @@ def main(argv=None):
     if args.wait or args.cluster == "debug":
         for job in jobs:
             try:
-                job.result()
+                # Submitit's DebugJob opens pdb.post_mortem on a failure: a prompt, not an error
+                with mock.patch("pdb.post_mortem", lambda *a, **k: None):
+                    job.result()
             except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
                 print(f"error: job {job.job_id} failed; its log: {job.paths.stdout}\n{e}", file=sys.stderr)
+                return 1
+            except pipeline.PipelineError as e:  # --cluster debug raises the stage's own error
+                print(f"error: {e}", file=sys.stderr)
                 return 1
         print(f"{len(jobs)} job(s) finished")
     return 0

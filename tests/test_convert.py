@@ -239,7 +239,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(cc.pickle, "dump", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(cc.ConversionError, match="No space left"):  # one line, exit code 2
         cc.convert(src, tmp_path / "out.pkl", log=lambda s: None)
     assert sorted(os.listdir(tmp_path)) == ["in.pth"]
 

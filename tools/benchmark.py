@@ -473,6 +473,13 @@ def table(report):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:  # before minutes of measurements, not after
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"benchmark: error: --json {args.json} cannot be written ({e.strerror or e}); pass a "
+              "path in a writable folder", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     bench = Bench(args)
     cfgs = {}

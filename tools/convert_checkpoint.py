@@ -2,6 +2,9 @@
 Needs only torch + numpy: the rename rules follow MoCo's detection/convert-pretrain-to-detectron2.py.
 
     python tools/convert_checkpoint.py checkpoint.pth backbone.pkl [--format d2|torchvision]
+
+Input is read with the suite's safe loader (pretrain/safe_load.py: torch.load weights_only=True,
+a .pkl through the restricted unpickler), so no file runs code; non-finite tensors are refused.
 """
 import argparse
 import collections
@@ -10,8 +13,13 @@ import pickle
 import re
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pretrain.safe_load (torch + numpy only)
+
+from pretrain import safe_load  # noqa: E402
 
 # torchvision ResNet name -> Detectron2 ResNet name, applied in order (MoCo's table).
 RENAME_RULES = (
@@ -47,28 +55,26 @@ class ConversionError(Exception):
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: no such file")
-    if str(path).endswith(".pkl"):
-        raise ConversionError(f"{path}: a .pkl is Detectron2's format already (use it as "
+    """The checkpoint through pretrain.safe_load: tensors and plain containers only, never code."""
+    if str(path).endswith(".pkl"):  # read (safely) only to say what it is
+        try:
+            obj = safe_load.load_pickle(path)
+        except safe_load.WeightsFileError as e:
+            if e.unsafe or not os.path.isfile(path):
+                raise ConversionError(str(e)) from None
+            obj = None
+        n = len(obj["model"]) if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else 0
+        what = f"Detectron2 weights ({n} arrays)" if n else "a .pkl"
+        raise ConversionError(f"{path}: {what}, Detectron2's format already (use it as "
                               "MODEL.WEIGHTS); convert the .pth checkpoint it came from instead")
+    return _read(safe_load.load_torch, path)
+
+
+def _read(loader, path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, or a pickle with objects
-        text = str(e).strip()
-        if "Weights only load failed" in text:
-            unsupported = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "")
-            raise ConversionError(
-                f"{path}: holds Python objects that safe loading (weights_only=True) refuses "
-                f"({unsupported or 'not tensors or plain containers'}); re-save it with "
-                "torch.save({'state_dict': model.state_dict()}, path)"
-            ) from None
-        first = text.splitlines()[0] if text else type(e).__name__
-        raise ConversionError(
-            f"{path}: cannot be read as a torch checkpoint ({first}); "
-            "the file is truncated or not a .pth/.pt checkpoint: copy or re-save it"
-        ) from None
+        return loader(path)
+    except safe_load.WeightsFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 def find_state_dict(obj, path):
@@ -127,6 +133,15 @@ def expected_keys(state):
     return depth, keys
 
 
+def check_finite(backbone, path):
+    """Refuse NaN/Inf weights: Detectron2 would load them and fail (or report nonsense) much later."""
+    bad = [k for k, v in backbone.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConversionError(
+            f"{path}: {len(bad)} of {len(backbone)} backbone tensors hold NaN/Inf (e.g. "
+            f"{', '.join(bad[:3])}); the run diverged before this checkpoint: convert an earlier one")
+
+
 def check_complete(backbone, path):
     """Refuse a backbone that misses any tensor: Detectron2 would silently leave it random."""
     depth, keys = expected_keys(backbone)
@@ -161,19 +176,31 @@ def to_detectron2(backbone):
 
 
 def save_atomic(obj, path, fmt):
-    """Write to a temp file beside `path` and rename it: a crash never leaves a partial output."""
+    """Write to a temp file beside `path` and rename it: a crash never leaves a partial output.
+    The file gets the mode open() would give it (0666 less the umask: 0644 usually, readable by
+    the group on a shared cluster), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot write there ({e.strerror or e}: {e.filename}); pick an "
+                              "output path in a writable folder") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             if fmt == "d2":
                 pickle.dump(obj, f)
             else:
                 torch.save(obj, f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ConversionError(f"{path}: cannot write it ({e.strerror or e}); pick a writable output "
+                                  "path with free space") from None
         raise
 
 
@@ -182,6 +209,7 @@ def convert(src, dst, fmt="d2", log=print):
     state = find_state_dict(load_checkpoint(src), src)
     backbone, skipped, prefix, source = extract_backbone(state, src)
     depth = check_complete(backbone, src)
+    check_finite(backbone, src)
     out = to_detectron2(backbone) if fmt == "d2" else backbone
     save_atomic(out, dst, fmt)
     n = len(out["model"]) if fmt == "d2" else len(out)

@@ -442,6 +442,10 @@ def main(argv=None):
     except CorpusError as e:
         print(f"make_synthetic_data.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"make_synthetic_data.py: error: --out {args.out} cannot be written ({e.strerror or e}: "
+              f"{e.filename}); pass a writable folder", file=sys.stderr)
+        return 2
     print(f"wrote {args.num_train} train + {args.num_test} test images to {out}")
     return 0
 

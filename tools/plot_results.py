@@ -133,7 +133,12 @@ def main(argv=None):
     if not_a_directory(args.run_dirs, "plot_results"):
         return 2
     runs, _ = find_runs(args.run_dirs)
-    wrote = write_figures(runs, Path(args.out))
+    try:
+        wrote = write_figures(runs, Path(args.out))
+    except OSError as e:
+        print(f"plot_results: --out {args.out} cannot be written ({e.strerror or e}: {e.filename}); "
+              "pass a writable folder", file=sys.stderr)
+        return 2
     if not wrote:
         print(f"plot_results: no pretraining curves or finished detection runs under "
               f"{' '.join(args.run_dirs)}; see docs/formats.md", file=sys.stderr)

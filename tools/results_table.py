@@ -114,20 +114,35 @@ def pretrain_task(cfg):
     return f"pretrain:{str(name).lower()}" if name else "pretrain"
 
 
+PRETRAIN_FILES = {"metrics.jsonl", "done.json", "checkpoint.pth", "checkpoint.prev.pth"}
+
+
+def is_pretrain_dir(d, files):
+    """A pretraining output dir, finished or not (a crash before the first log step leaves only
+    config.yaml, log.txt and maybe a checkpoint): its files, else its lower-case config keys
+    (Detectron2's config.yaml has MODEL, SOLVER, ...)."""
+    if files & PRETRAIN_FILES:
+        return True
+    cfg = read_yaml(d / "config.yaml")
+    return "MODEL" not in cfg and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
+
+
 def read_pretrain_run(d):
     cfg = read_yaml(d / "config.yaml")
     _, name, seed = _layout_names(d)
     backbone = d.parent.name if seed is not None else name
     seed = cfg.get("seed", seed)
     run = Run(d, "pretrain", backbone, pretrain_task(cfg), seed)
-    run.records = read_jsonl(d / "metrics.jsonl")
+    # a run that died before its first log step has no metrics.jsonl yet
+    run.records = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     knn = [r["knn_top1"] for r in run.records if r.get("type") == "knn" and _finite(r.get("knn_top1"))]
     crash = traceback_in_log(d / "log.txt")
     if not (d / "done.json").exists():
         last = run.records[-1] if run.records else {}
+        newest = d / "metrics.jsonl" if run.records else d / "log.txt"
         run.problem = (f"failed: log.txt ends in a traceback ({crash})" if crash else
                        f"unfinished: no done.json (last logged epoch {last.get('epoch', '?')}, "
-                       f"iter {last.get('iter', '?')}, written {age(d / 'metrics.jsonl')})")
+                       f"iter {last.get('iter', '?')}, written {age(newest)})")
         return run
     done = read_json(d / "done.json")
     top1 = done.get("knn_top1")
@@ -176,7 +191,13 @@ def read_detection_run(d):
     name = (cfg.get("TRANSFER") or {}).get("BACKBONE_NAME") if isinstance(cfg.get("TRANSFER"), dict) else None
     run = Run(d, "detection", name or layout_backbone, layout_task, _seed(cfg.get("SEED"), seed))
     crash = traceback_in_log(d / "log.txt")
-    if crash:
+    if (d / "failed.json").exists():  # train_net's marker: the run raised (docs/formats.md)
+        try:
+            error = read_json(d / "failed.json").get("error", "?")
+        except (OSError, ValueError, AttributeError):
+            error = "failed.json unreadable"
+        run.problem = f"failed: {str(error)[:160]}"
+    elif crash:
         run.problem = f"failed: log.txt ends in a traceback ({crash})"
     else:
         it, newest = "?", d / "log.txt"
@@ -230,7 +251,7 @@ def find_runs(paths):
                     linear_dirs.append(d)
                 elif "final_metrics.json" in files:
                     runs.append(read_detection_run(d))
-                elif "metrics.jsonl" in files and "config.yaml" in files:
+                elif "config.yaml" in files and is_pretrain_dir(d, files):
                     runs.append(read_pretrain_run(d))
                 elif "config.yaml" in files and files & {"last_checkpoint", "metrics.json", "log.txt"}:
                     runs.append(read_detection_run(d))
@@ -431,7 +452,12 @@ def main(argv=None):
         return 2
     text = RENDERERS[args.format](sections, incomplete)
     if args.out:
-        write_atomic(args.out, text)
+        try:
+            write_atomic(args.out, text)
+        except OSError as e:
+            print(f"results_table: --out {args.out} cannot be written ({e.strerror or e}); pass a "
+                  "path in a writable folder", file=sys.stderr)
+            return 2
         complete = sum(not r.problem for r in runs)
         print(f"wrote {args.out} ({complete} complete runs, {len(incomplete)} incomplete)",
               file=sys.stderr)

@@ -272,6 +272,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        try:  # before the runs, not after
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"theorem2: error: {flag} {path} cannot be written ({e.strerror or e}); pass a "
+                  "path in a writable folder", file=sys.stderr)
+            return 2
     cfg = dict(k=args.k, n_per_cluster=args.n_per_cluster, dim=args.dim, width=args.width, eps=args.eps,
                num_classes=args.classes, steps=args.steps, lr=args.lr, ramp=args.ramp)
     start = time.perf_counter()

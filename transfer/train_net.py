@@ -1,5 +1,7 @@
 """Fine-tune a converted backbone with Detectron2 (MoCo detection protocol), as Detectron2's
-tools/train_net.py; writes OUTPUT_DIR/final_metrics.json (docs/formats.md) after the last evaluation.
+tools/train_net.py; writes OUTPUT_DIR/final_metrics.json (docs/formats.md) after the last evaluation,
+OUTPUT_DIR/failed.json when it fails. Weights are loaded safely (transfer/checkpoint.py); bad input
+(config, datasets, weights that are unsafe, damaged or do not fit, OUTPUT_DIR) is one line, exit 2.
 
     python transfer/train_net.py --config-file configs/detection/voc_R_50_C4_24k.yaml \
         --num-gpus 8 MODEL.WEIGHTS backbone.pkl OUTPUT_DIR out/voc SEED 0
@@ -15,20 +17,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results  # noqa: E402
 
+from pretrain.checkpoint import remove_stale_temp  # noqa: E402
 from transfer import datasets, roi_heads  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
+from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load  # noqa: E402
+
+FAILED = "failed.json"  # written by the main process when a run raises (tools/results_table.py)
 
 logger = logging.getLogger("transfer")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type."""
+    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type, and
+    the safe checkpointer (transfer/checkpoint.py) for MODEL.WEIGHTS, --resume and its snapshots."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ makes a DetectionCheckpointer, then calls this; swap it here so
+        # that resume_or_load and the PeriodicCheckpointer hook both use the safe one
+        old = self.checkpointer
+        self.checkpointer = SafeCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                             **old.checkpointables)
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -99,17 +113,39 @@ def write_final_metrics(cfg, args, results, iteration):
         "results": _finite({k: dict(v) for k, v in results.items()}),
     }
     fd, tmp = tempfile.mkstemp(dir=cfg.OUTPUT_DIR, prefix=".final_metrics.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would: readable by the group, not mkstemp's 0600
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"))
     return record
 
 
+def write_failure(cfg, error):
+    """OUTPUT_DIR/failed.json: the results table then lists the run as failed, not unfinished."""
+    record = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
+    with open(os.path.join(cfg.OUTPUT_DIR, FAILED), "w") as f:
+        json.dump(record, f)
+
+
 def main(args):
     cfg = setup(args)
+    if comm.is_main_process():  # a new attempt: the last one's failure and temp files go
+        remove_stale_temp(cfg.OUTPUT_DIR)
+        Path(cfg.OUTPUT_DIR, FAILED).unlink(missing_ok=True)
+    try:
+        return run(cfg, args)
+    except Exception as e:  # (not KeyboardInterrupt / SystemExit: killed or requeued = unfinished)
+        if comm.is_main_process():
+            write_failure(cfg, e)
+        raise
+
+
+def run(cfg, args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        ckpt = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        ckpt = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
         results, iteration = Trainer.test(cfg, model), ckpt.get("iteration", -1) + 1
     else:
@@ -137,18 +173,41 @@ def check_inputs(args):
     if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (convert a "
                                 "checkpoint with tools/convert_checkpoint.py)")
+    check_writable(cfg.OUTPUT_DIR)
+    if cfg.MODEL.WEIGHTS or args.resume:  # safe, finite, and the whole backbone fits
+        quiet_load(cfg, args.resume)
+
+
+def check_writable(folder):
+    """OUTPUT_DIR must be (or become) a folder this process can write: found before launch."""
+    p = os.path.abspath(folder)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p) or not os.access(p, os.W_OK):
+        raise PermissionError(f"OUTPUT_DIR {folder}: cannot be written ({p} is not a writable "
+                              "folder); pass a writable OUTPUT_DIR")
 
 
 def argument_parser():
     return default_argument_parser(epilog=__doc__)
 
 
-if __name__ == "__main__":
-    args = argument_parser().parse_args()
+def cli(argv=None):
+    """The command line: bad input (config, datasets, weights, OUTPUT_DIR) is one line, exit 2."""
+    args = argument_parser().parse_args(argv)
     try:
         check_inputs(args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+        return 2
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except WeightsError as e:  # a snapshot that changed after check_inputs (one process)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
