@@ -107,10 +107,15 @@ def test_two_epochs_lower_loss_and_log_metrics(trained):
     knn = [r for r in recs if r["type"] == "knn"]
     assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
     done = json.loads((out / "done.json").read_text())
-    assert done == {"method": "sane", "arch": "resnet18", "epochs": 2, "iters": 6,
+    assert done == {"method": "sane", "switches": {"slr.enabled": True, "slr.p": True, "slr.q": True,
+                                                   "mm.enabled": True, "model.in_batch_negatives": True},
+                    "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
                     "knn_top1": knn[-1]["knn_top1"], "checkpoint": "checkpoint.pth"}
+    assert all(0 <= r["inst_top1"] <= 100 for r in train_recs)
     assert load_config(out / "config.yaml").to_dict() == trained["cfg"].to_dict()
-    assert list(out.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    assert {"train/loss", "train/inst_top1", "knn/knn_top1"} <= set(events.Tags()["scalars"])
     assert (out / "checkpoint_0001.pth").is_file() and (out / "checkpoint_0002.pth").is_file()
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["iter"] == 6 and ckpt["epoch"] == 2
