@@ -294,7 +294,9 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
 
 # ---------------------------------------------------------------- the probe
 def run_probe(args):
-    """Extract frozen features, train the linear classifier, write linear_metrics.json."""
+    """Extract frozen features, train the linear classifier, write linear_metrics.json; for the
+    top-1 presets also the kNN top-1 of the same frozen features (test transform, L2-normalised,
+    the monitor's k and t), so a random-init backbone and a pretrained one are measured alike."""
     cfg = dict(PRESETS[args.preset])
     cfg.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "image_size")
                 if getattr(args, k) is not None})
