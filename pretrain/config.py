@@ -1,5 +1,11 @@
 """Pretraining config: the defaults below (= SANE-Single, ResNet-50, ImageNet), a YAML file
-on top, then `key=value` overrides with dotted keys; types come from the defaults."""
+on top, then `key=value` overrides with dotted keys; types come from the defaults.
+
+`method` names a preset of the recipe switches (METHODS): it sets slr.enabled, slr.p, slr.q,
+mm.enabled and model.in_batch_negatives, so a config names its method and need not set them.
+A switch set in the same layer as the method, or a later one (file < command line), must agree
+with it (one clear error otherwise); a method named on the command line replaces the switches
+of the file beneath it (`--config sane.yaml method=mocov2` is MoCo v2)."""
 import copy
 import difflib
 from pathlib import Path
@@ -9,7 +15,7 @@ import yaml
 from pretrain.utils import UserError
 
 DEFAULTS = {
-    "method": "sane",            # a name, written to done.json
+    "method": "sane",            # a preset of the recipe switches (METHODS below)
     "output_dir": "",
     "epochs": 200,
     "seed": 0,
@@ -23,6 +29,8 @@ DEFAULTS = {
     "channels_last": True,       # CUDA only
     "data": {
         "root": "",              # ImageFolder root: train/<class>/*.jpg, optional val/
+                                 # (cifar10 / cifar100: the folder holding cifar-10-batches-py/)
+        "format": "imagefolder",  # imagefolder | cifar10 | cifar100 (torchvision's python batches)
         "pipeline": "cpu",       # cpu | gpu (pretrain.gpu_augment)
         "gpu_decoder": "torchvision",  # gpu pipeline's JPEG decoder: torchvision (nvJPEG) | dali
         "crop": 224,             # q / k crop size
@@ -34,10 +42,10 @@ DEFAULTS = {
     },
     "model": {
         "arch": "resnet50",
+        "stem": "imagenet",      # imagenet (7x7/2 conv + max-pool) | cifar (3x3/1 conv, no max-pool)
         "dim": 128,              # feature dim of the head output
         "head_depth": 2,         # linear layers in the MLP head (MoCo v2: 2; paper: 3)
         "head_hidden": 0,        # hidden width; 0 = backbone width (2048 for ResNet-50)
-        "head_bn": False,        # BN after hidden head layers (SimCLR / MoCo v3; MoCo v2: off)
         "queue": 65536,          # b
         "m": 0.999,              # EMA momentum of g_ξ
         "tau": 0.2,              # τ
@@ -71,6 +79,28 @@ DEFAULTS = {
     "log": {"every_iters": 20, "progress": True, "tensorboard": True},
     "checkpoint": {"every_iters": 1000, "save_every_epochs": 20},
     "knn": {"every_epochs": 10, "k": 50, "t": 0.05, "max_train_images": 0, "batch_size": 256},
+}
+
+
+# The recipe switches each method sets: the paper's ablation grid (Table 4) plus MoCo v2 with
+# in-batch negatives, which separates that change from SLR and MM.
+SWITCHES = ("slr.enabled", "slr.p", "slr.q", "mm.enabled", "model.in_batch_negatives")
+
+
+def _preset(p, q, mm, in_batch=True):
+    return dict(zip(SWITCHES, (p or q, p, q, mm, in_batch)))
+
+
+METHODS = {
+    "mocov2": _preset(False, False, False, in_batch=False),  # the reference: positive vs queue
+    "mocov2_inbatch": _preset(False, False, False),          # + the other in-batch keys as negatives
+    "slr_p": _preset(True, False, False),
+    "slr_q": _preset(False, True, False),
+    "slr": _preset(True, True, False),
+    "mm": _preset(False, False, True),                       # MM with one-hot labels
+    "slr_p_mm": _preset(True, False, True),
+    "slr_q_mm": _preset(False, True, True),
+    "sane": _preset(True, True, True),
 }
 
 
@@ -134,7 +164,8 @@ def _coerce(value, default, key, source):
     return value
 
 
-def _set(cfg, key, value, source):
+def _set(cfg, key, value, source, seen=None):
+    """Set a dotted key (typed as its default); `seen` records key -> value."""
     parts = key.split(".")
     node, ref = cfg, DEFAULTS
     for p in parts[:-1]:
@@ -144,19 +175,75 @@ def _set(cfg, key, value, source):
     if parts[-1] not in ref or isinstance(ref[parts[-1]], dict):
         raise _unknown_key(key, source)
     node[parts[-1]] = _coerce(value, ref[parts[-1]], key, source)
+    if seen is not None:
+        seen[key] = node[parts[-1]]
 
 
-def _merge_yaml(cfg, d, source, prefix=""):
+def _merge_yaml(cfg, d, source, prefix="", seen=None):
     for k, v in d.items():
         if isinstance(v, dict):
-            _merge_yaml(cfg, v, source, f"{prefix}{k}.")
+            _merge_yaml(cfg, v, source, f"{prefix}{k}.", seen)
         else:
-            _set(cfg, f"{prefix}{k}", v, source)
+            _set(cfg, f"{prefix}{k}", v, source, seen)
+
+
+def _effective(sw):
+    """What a set of switches runs: p / q count only with SLR on."""
+    on = sw["slr.enabled"]
+    return (on and sw["slr.p"], on and sw["slr.q"], sw["mm.enabled"], sw["model.in_batch_negatives"])
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def apply_method(cfg, layers):
+    """Set the switches of cfg["method"] (METHODS) in the plain dict `cfg`.
+
+    layers: [(source, {key: value})] in the order applied (the file, then the command line).
+    A switch set in the method's layer or a later one must agree with the method; earlier ones
+    are replaced. Raises UserError naming the key, the method and the method the switches
+    would make.
+    """
+    method = cfg["method"]
+    at = max((i for i, (_, keys) in enumerate(layers) if "method" in keys), default=-1)
+    source = layers[at][0] if at >= 0 else "config"
+    if method not in METHODS:
+        raise UserError(f"{source}: unknown method '{method}'; known methods: {', '.join(METHODS)}")
+    preset = METHODS[method]
+    for src, keys in layers[max(at, 0):]:
+        for key in SWITCHES:
+            if key in keys and keys[key] != preset[key]:
+                wanted = {**preset, **{k: v for _, ks in layers[max(at, 0):] for k, v in ks.items()
+                                       if k in SWITCHES}}
+                match = [m for m, sw in METHODS.items() if _effective(sw) == _effective(wanted)]
+                if match == [method]:
+                    hint = "; slr.p and slr.q act only with slr.enabled=true"
+                elif match:
+                    hint = f"; or name the method with the switches given: method={match[0]}"
+                else:
+                    hint = f"; no method has the switches given (known: {', '.join(METHODS)})"
+                named = method if at >= 0 else f"{method} (the default; set method=...)"
+                raise UserError(
+                    f"{src}: {key}={str(keys[key]).lower()} contradicts method {named}, which sets "
+                    f"{key}={str(preset[key]).lower()}: drop the key, the method sets it{hint}")
+    for key, value in preset.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+
+
+def switches(cfg):
+    """The resolved recipe switches of a config, e.g. for done.json."""
+    return {key: _get(cfg, key) for key in SWITCHES}
 
 
 def load_config(path=None, overrides=()):
     """Defaults ← YAML file ← `key=value` overrides; returns a validated Config."""
     cfg = copy.deepcopy(DEFAULTS)
+    layers = []  # [(source, {key: value})]: what the file and the command line set
     if path:
         p = Path(path)
         if not p.is_file():
@@ -167,12 +254,16 @@ def load_config(path=None, overrides=()):
             raise UserError(f"{p}: not valid YAML ({e})") from None
         if not isinstance(d, dict):
             raise UserError(f"{p}: expected a mapping of config keys")
-        _merge_yaml(cfg, d, str(p))
+        layers.append((str(p), {}))
+        _merge_yaml(cfg, d, str(p), seen=layers[-1][1])
+    layers.append(("command line", {}))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}': expected key=value, e.g. epochs=10")
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(value) if value != "" else "", "command line")
+        _set(cfg, key.strip(), yaml.safe_load(value) if value != "" else "", "command line",
+             layers[-1][1])
+    apply_method(cfg, layers)
     cfg = Config.wrap(cfg)
     validate(cfg)
     check_ranges(cfg)
@@ -189,6 +280,13 @@ def validate(cfg):
         raise UserError(f"{src}: device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.amp not in ("bf16", "none"):
         raise UserError(f"{src}: amp must be bf16 or none, got {cfg.amp!r}")
+    if cfg.model.stem not in ("imagenet", "cifar"):
+        raise UserError(f"{src}: model.stem must be imagenet or cifar, got {cfg.model.stem!r}")
+    if cfg.data.format not in ("imagefolder", "cifar10", "cifar100"):
+        raise UserError(f"{src}: data.format must be imagefolder, cifar10 or cifar100, got {cfg.data.format!r}")
+    if cfg.data.pipeline == "gpu" and cfg.data.format != "imagefolder":
+        raise UserError(f"{src}: data.pipeline=gpu decodes JPEG files; data.format={cfg.data.format} "
+                        "holds decoded arrays: use data.pipeline=cpu")
     if cfg.slr.vanilla not in ("auto", "onehot", "refined"):
         raise UserError(f"{src}: slr.vanilla must be auto, onehot or refined")
     if (cfg.slr.enabled or cfg.mm.enabled) and not cfg.model.in_batch_negatives:

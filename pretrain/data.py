@@ -1,11 +1,13 @@
-"""CPU data path: ImageFolder (or flat folder) that skips corrupted images, MoCo v2 weak /
-RandAugment strong views, and the collate into the batch dict {"q", "k", "mm"} + labels."""
+"""CPU data path: ImageFolder (or flat folder) that skips corrupted images, torchvision's
+CIFAR-10/100 python batches, MoCo v2 weak / RandAugment strong views, and the collate into
+the batch dict {"q", "k", "mm"} + labels."""
 import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
@@ -23,6 +25,37 @@ def check_split_dir(root, split):
         raise UserError(f"{path} not found: data.root must be an ImageFolder root holding "
                         f"{split}/<class>/*.jpg (got data.root={root})")
     return path
+
+
+CIFAR = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+
+def cifar_dataset(root, fmt, train, transform, keys=("data.root", "data.format")):
+    """torchvision's CIFAR-10 / CIFAR-100 reader (download=False) on the python batches under
+    `root` (root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or
+    root/cifar-100-python/{train,test,meta}), train or test split; yields (transform(PIL), label).
+
+    Those batches are Python pickles, and torchvision reads them with pickle.load, which can run
+    code. torchvision first checks every file's MD5 against the official archive's and refuses
+    any other file, so only the published batches are ever unpickled. A missing file or a
+    failed check is one clear error (UserError) naming `keys` (the root and format settings).
+    """
+    root_key, fmt_key = keys
+    if not str(root):
+        raise UserError(f"{root_key} is not set: pass the folder holding {CIFAR[fmt].base_folder}/")
+    cls = CIFAR[fmt]
+    folder = Path(root) / cls.base_folder
+    names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{folder / missing[0]} not found: {fmt_key} {fmt} reads torchvision's "
+                        f"python batches; pass as {root_key} the folder holding {cls.base_folder}/ "
+                        f"(as extracted from {cls.filename})")
+    try:
+        return cls(str(root), train=train, transform=transform, download=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        raise UserError(f"{folder}: a file differs from the official {cls.filename} (MD5 check; "
+                        "only those pickles are read): extract the archive again") from None
 
 
 class ImageDataset(Dataset):
@@ -95,8 +128,11 @@ def view_transform(size, scale, strong=False):
     return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def eval_transform(size):
-    """Resize (crop·256/224) + center crop, for the kNN monitor."""
+def eval_transform(size, fmt="imagefolder"):
+    """Resize (crop·256/224) + center crop, for the kNN monitor; CIFAR images (32 px, already
+    the object) are only resized to `size` (a no-op at 32), as the CIFAR probes do."""
+    if fmt in CIFAR:
+        return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(MEAN, STD)])
     return T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(MEAN, STD)])
 
@@ -132,6 +168,8 @@ def build_train_dataset(cfg):
     d = cfg.data
     mm_crops = cfg.mm.crops if cfg.mm.enabled else []
     tf = MultiCropTransform(d.crop, d.scale, d.small_scale, mm_crops, d.strong_mm)
+    if d.format in CIFAR:
+        return cifar_dataset(d.root, d.format, True, tf)
     return ImageDataset(check_split_dir(d.root, "train"), tf)
 
 
@@ -167,3 +205,18 @@ class SkippedImages:
             self.files.update(i for files, _ in parts for i in files)
             return len(self.files) + sum(c for _, c in parts)
         return len(self.files) + self.count
+
+
+def build_eval_datasets(cfg):
+    """(train, val) datasets of the kNN monitor with the evaluation transform: ImageFolder
+    train/ and val/ (None when val/ is absent or either is unlabelled), or CIFAR's train and
+    test splits."""
+    d = cfg.data
+    tf = eval_transform(d.crop, d.format)
+    if d.format in CIFAR:
+        return cifar_dataset(d.root, d.format, True, tf), cifar_dataset(d.root, d.format, False, tf)
+    root = Path(d.root)
+    if not (root / "val").is_dir():
+        return None
+    train, val = ImageDataset(root / "train", tf), ImageDataset(root / "val", tf)
+    return (train, val) if train.has_labels and val.has_labels else None

@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import utils
 from pretrain.checkpoint import RunCheckpoints, has_run_state, remove_stale_temp, rewind_metrics
-from pretrain.config import check_resumable, read_config_file, save_config
+from pretrain.config import check_resumable, read_config_file, save_config, switches
 from pretrain.data import SkippedImages
 from pretrain.gpu_augment import gpu_batches
 from pretrain.losses import mu_schedule
 from pretrain.model import build_model
 
-STAT_KEYS = ("loss", "loss_vanilla", "loss_mm")
+STAT_KEYS = ("loss", "loss_vanilla", "loss_mm", "inst_top1")
 QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_other_same_class_mass",
                 "slr_label_error", "onehot_label_error")
 
@@ -59,16 +59,15 @@ def epoch_loader(cfg, dataset, collate, epoch, skip_batches, rank, world, local_
 
 
 def knn_eval(cfg, model, device, rank, world):
-    """kNN top-1 (k, exp(cos/t) weights) of the query backbone on val/, fed by train/."""
-    from pretrain.data import ImageDataset, eval_transform
+    """kNN top-1 (k, exp(cos/t) weights) of the query backbone on val/ (CIFAR: test), fed by
+    train/ (CIFAR: train)."""
+    from pretrain.data import build_eval_datasets
     from pretrain.knn import extract_features, knn_top1
 
-    root = Path(cfg.data.root)
-    tf = eval_transform(cfg.data.crop)
-    train = ImageDataset(root / "train", tf)
-    val = ImageDataset(root / "val", tf)
-    if not (train.has_labels and val.has_labels):
+    sets = build_eval_datasets(cfg)
+    if sets is None:
         return None
+    train, val = sets
     if cfg.knn.max_train_images and len(train) > cfg.knn.max_train_images:
         g = torch.Generator().manual_seed(cfg.seed)
         keep = torch.randperm(len(train), generator=g)[: cfg.knn.max_train_images]
@@ -157,7 +156,7 @@ def train(cfg):
     dataset, collate, gpu_aug = build_data(cfg, device)
     ipe = len(dataset) // cfg.data.batch_size
     if ipe == 0:
-        raise utils.UserError(f"{cfg.data.root}/train has {len(dataset)} images, fewer than "
+        raise utils.UserError(f"{cfg.data.root}: the training set has {len(dataset)} images, fewer than "
                               f"data.batch_size={cfg.data.batch_size}: lower the batch size")
     total_iters = cfg.epochs * ipe
     has_labels = bool(getattr(dataset, "classes", None))
@@ -206,7 +205,8 @@ def train(cfg):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
 
     metrics = utils.MetricLogger(out, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
-    log.info(f"{cfg.method}: {cfg.model.arch}, {len(dataset)} images, {ipe} it/epoch, "
+    log.info(f"{cfg.method} ({', '.join(f'{k}={v}' for k, v in switches(cfg).items())})")
+    log.info(f"{cfg.method}: {cfg.model.arch} ({cfg.model.stem} stem), {len(dataset)} images, {ipe} it/epoch, "
              f"{cfg.epochs} epochs, batch {cfg.data.batch_size} on {world} x {device.type}")
     progress = None
     if rank == 0 and cfg.log.progress:
@@ -273,8 +273,9 @@ def train(cfg):
     finish(progress, metrics)
     if rank == 0:
         utils.atomic_write_json(out / "done.json", {
-            "method": cfg.method, "arch": cfg.model.arch, "epochs": cfg.epochs, "iters": it,
-            "knn_top1": last_knn, "checkpoint": "checkpoint.pth"})
+            "method": cfg.method, "switches": switches(cfg), "arch": cfg.model.arch,
+            "stem": cfg.model.stem, "epochs": cfg.epochs, "iters": it, "knn_top1": last_knn,
+            "checkpoint": "checkpoint.pth"})
         log.info(f"done: {it} iterations, kNN top-1 {last_knn}")
     return out
 
@@ -293,8 +294,6 @@ def run_knn(cfg, model, device, rank, world, log, metrics, epoch, it):
         import pretrain.knn  # noqa: F401  (lands with the probes; skip the monitor until then)
     except ImportError:
         log.warning("pretrain.knn not available: kNN monitor skipped")
-        return None
-    if not (Path(cfg.data.root) / "val").is_dir():
         return None
     top1 = knn_eval(cfg, model, device, rank, world)
     if top1 is not None:
@@ -321,8 +320,10 @@ def log_step(metrics, progress, log, sums, epoch, it, lr, mu, timer, skipped_tot
                      **{k: vals[k] for k in QUALITY_KEYS}})
     if progress is not None:
         progress.update(it - progress.n)
-        progress.set_postfix(loss=f"{vals['loss']:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}")
-    log.info(f"epoch {epoch} it {it}: loss {vals['loss']:.4f} lr {lr:.5f} {rate:.1f} img/s")
+        progress.set_postfix(loss=f"{vals['loss']:.3f}", top1=f"{vals.get('inst_top1', math.nan):.0f}", lr=f"{lr:.4f}",
+                             img_s=f"{rate:.0f}")
+    log.info(f"epoch {epoch} it {it}: loss {vals['loss']:.4f} inst top-1 {vals.get('inst_top1', math.nan):.1f} "
+             f"lr {lr:.5f} {rate:.1f} img/s")
 
 
 def finish(progress, metrics):

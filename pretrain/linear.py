@@ -1,5 +1,7 @@
-"""Linear probes on frozen features: ImageNet / CIFAR-10 top-1 and VOC07 multi-label mAP.
-`python -m pretrain.linear --checkpoint CKPT --data ROOT --preset imagenet|cifar|voc07`."""
+"""Linear probes on frozen features: ImageNet / CIFAR-10 top-1 and VOC07 multi-label mAP, and
+the kNN top-1 of the same frozen features (the trainer's monitor protocol).
+`python -m pretrain.linear --checkpoint CKPT --data ROOT --preset imagenet|cifar|voc07`, or
+`--random-init --arch resnet18 [--stem cifar] --seed S --output-dir D` for an untrained network."""
 import argparse
 import json
 import math
@@ -14,9 +16,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from pretrain.data import MEAN, STD, eval_transform
-from pretrain.knn import extract_features
-from pretrain.model import build_backbone, load_backbone_state
+from pretrain.config import DEFAULTS
+from pretrain.data import CIFAR, MEAN, STD, cifar_dataset, eval_transform
+from pretrain.knn import extract_features, knn_top1
+from pretrain.model import STEMS, build_backbone, load_backbone_state
 from pretrain.safe_load import WeightsFileError, load_torch
 from pretrain.utils import MetricLogger, UserError, atomic_write_json, cosine_lr, seed_all
 
@@ -40,6 +43,12 @@ def read_backbone_state(path):
     """(torchvision-named backbone state dict without fc, arch or None) from any of: this
     project's pretraining checkpoint, a plain torchvision state dict, or MoCo's official
     {"state_dict": {"module.encoder_q.*"}, "arch"}."""
+    state, arch, _ = read_checkpoint(path)
+    return state, arch
+
+
+def read_checkpoint(path):
+    """read_backbone_state's (state, arch) and the checkpoint's saved config (dict or None)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass --checkpoint PATH to a "
@@ -61,7 +70,8 @@ def read_backbone_state(path):
     if "conv1.weight" not in state:
         raise UserError(f"checkpoint {path} holds no ResNet backbone (no conv1.weight after "
                         "stripping module./encoder_q.); pass a ResNet checkpoint")
-    return state, arch if isinstance(arch, str) else None
+    config = ckpt.get("config")
+    return state, arch if isinstance(arch, str) else None, config if isinstance(config, dict) else None
 
 
 def _config_arch(config):
@@ -73,27 +83,58 @@ def _config_arch(config):
     return arch if isinstance(arch, str) else None
 
 
-def build_frozen_backbone(checkpoint, arch=None):
-    """The checkpoint's backbone with fc = Identity, frozen; arch from --arch, else the checkpoint."""
-    state, ckpt_arch = read_backbone_state(checkpoint)
-    arch = arch or ckpt_arch or "resnet50"
+def _config_value(config, section, key):
+    value = (config or {}).get(section)
+    value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def checkpoint_stem(config, state):
+    """The stem a backbone was trained with: its config's model.stem, else `cifar` for a 3x3
+    conv1 (the ImageNet stem's is 7x7), else `imagenet`."""
+    stem = _config_value(config, "model", "stem")
+    if stem:
+        return stem
+    return "cifar" if tuple(state["conv1.weight"].shape[-2:]) == (3, 3) else "imagenet"
+
+
+def probe_backbone(checkpoint=None, arch=None, stem=None):
+    """(frozen backbone with fc = Identity, {"arch", "stem", "data_format"}). From a checkpoint:
+    arch and stem from the arguments, else the checkpoint's; data_format is its config's
+    data.format (None without one). checkpoint=None: a random-init network (seed first),
+    arch default resnet50, stem default imagenet."""
+    state, config = None, None
+    if checkpoint is not None:
+        state, ckpt_arch, config = read_checkpoint(checkpoint)
+        arch, stem = arch or ckpt_arch, stem or checkpoint_stem(config, state)
+    arch, stem = arch or "resnet50", stem or "imagenet"
+    where = f" (checkpoint {checkpoint})" if checkpoint is not None else ""
     try:
-        backbone = build_backbone(arch)
-    except ValueError as e:  # build_backbone names the bad arch and the fix
-        raise UserError(f"{e} (checkpoint {checkpoint})") from None
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise UserError(f"checkpoint {checkpoint} does not match arch {arch} (missing, extra "
-                        "or mis-shaped keys); pass the --arch it was trained with") from None
+        backbone = build_backbone(arch, stem)
+    except ValueError as e:  # build_backbone names the bad arch or stem and the fix
+        raise UserError(f"{e}{where}") from None
+    if state is not None:
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError:
+            raise UserError(f"checkpoint {checkpoint} does not match arch {arch} with the {stem} stem "
+                            "(missing, extra or mis-shaped keys); pass the --arch / --stem it was "
+                            "trained with") from None
     for p in backbone.parameters():
         p.requires_grad_(False)
-    return backbone.eval(), arch
+    return backbone.eval(), {"arch": arch, "stem": stem,
+                             "data_format": _config_value(config, "data", "format")}
+
+
+def build_frozen_backbone(checkpoint, arch=None, stem=None):
+    """The checkpoint's backbone with fc = Identity, frozen, and its arch (probe_backbone)."""
+    backbone, info = probe_backbone(checkpoint, arch, stem)
+    return backbone, info["arch"]
 
 
 # ---------------------------------------------------------------- data
 def probe_transforms(image_size, preset):
-    """(train-augmentation, test) transforms; CIFAR images are only resized, not cropped."""
+    """(train-augmentation, test) transforms; the cifar preset only resizes, never crops."""
     norm = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     if preset == "cifar":
         test = transforms.Compose([transforms.Resize((image_size, image_size))] + norm)
@@ -109,7 +150,8 @@ def image_folders(root, train_tf, test_tf):
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise UserError(f"data root {root} has no train/ and val/ folders; pass an "
-                        "ImageFolder root (synthetic corpus: DIR/imagefolder)")
+                        "ImageFolder root (synthetic corpus: DIR/imagefolder), or --data-format "
+                        "cifar10 / cifar100 for torchvision's CIFAR batches")
     try:
         train, val = datasets.ImageFolder(root / "train", train_tf), datasets.ImageFolder(root / "val", test_tf)
     except FileNotFoundError as e:  # no class folders / no images in one split
@@ -252,36 +294,43 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
 
 # ---------------------------------------------------------------- the probe
 def run_probe(args):
-    """Extract frozen features, train the linear classifier, write linear_metrics.json."""
+    """Extract frozen features, train the linear classifier, write linear_metrics.json; for the
+    top-1 presets also the kNN top-1 of the same frozen features (test transform, L2-normalised,
+    the monitor's k and t), so a random-init backbone and a pretrained one are measured alike."""
     cfg = dict(PRESETS[args.preset])
     cfg.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "image_size")
                 if getattr(args, k) is not None})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    seed_all(args.seed)
-    backbone, arch = build_frozen_backbone(args.checkpoint, args.arch)
+    if args.random_init and not args.output_dir:
+        raise UserError("--random-init has no checkpoint folder to write into: pass --output-dir")
+    seed_all(args.seed)  # before building: --random-init's weights come from this seed
+    backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
     backbone.to(device)
+    fmt = args.data_format or info["data_format"] or "imagefolder"
     train_tf, test_tf = probe_transforms(cfg["image_size"], args.preset)
     classes = _parse_classes(args.classes)
     if args.preset == "voc07":
         train_set, test_set = voc07_sets(args.data, test_tf, test_tf, classes)
-        num_outputs = len(train_set.classes)
+        fmt = "voc07"
     else:
-        train_set, test_set = image_folders(args.data, train_tf if cfg["augment"] else test_tf, test_tf)
-        num_outputs = len(train_set.classes)
+        train_set, test_set = classification_sets(args.data, fmt, train_tf if cfg["augment"] else test_tf,
+                                                  test_tf)
+    num_outputs = len(train_set.classes)
     out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # the resolved settings next to the results (design.md: every run saves its config)
-        atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, "arch": arch,
-                                                           "device": str(device)})
+        atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, **info,
+                                                           "data_format": fmt, "device": str(device)})
     except OSError as e:
         raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
                         "writable --output-dir") from None
 
-    train_loader, test_loader = (DataLoader(
-        ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-        for ds in (train_set, test_set))
+    def loader(ds):
+        return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+
+    train_loader, test_loader = loader(train_set), loader(test_set)
 
     def features(loader):
         feats, labels = extract_features(backbone, loader, device, normalize=cfg["normalize"])
@@ -291,6 +340,15 @@ def run_probe(args):
 
     cached = features(train_loader)
     test_feats, test_targets = features(test_loader)
+    knn = None
+    if args.preset != "voc07":
+        # the monitor's protocol on the test-transform features of both splits (L2-normalised)
+        knn_train = cached
+        if cfg["augment"]:
+            knn_train = features(loader(classification_sets(args.data, fmt, test_tf, test_tf)[0]))
+        knn = knn_top1(F.normalize(knn_train[0], dim=1), knn_train[1], F.normalize(test_feats, dim=1),
+                       test_targets, num_outputs, k=args.knn_k, t=args.knn_t)
+        del knn_train
 
     def train_features(epoch):  # fresh augmented views each epoch, else the cached features
         return features(train_loader) if cfg["augment"] and epoch > 0 else cached
@@ -310,10 +368,24 @@ def run_probe(args):
                log=lambda row: (last.update(row), logger.log(row)))
     logger.close()
     metric = "mAP" if args.preset == "voc07" else "top1"
-    result = {"preset": args.preset, metric: last[metric], "checkpoint": str(args.checkpoint),
-              "arch": arch, "epochs": cfg["epochs"]}
+    result = {"preset": args.preset, metric: last[metric]}
+    if knn is not None:
+        result.update(knn_top1=knn, knn_k=args.knn_k, knn_t=args.knn_t)
+    result.update(checkpoint=None if args.random_init else str(args.checkpoint),
+                  random_init=bool(args.random_init), arch=info["arch"], stem=info["stem"],
+                  data=str(args.data), data_format=fmt, epochs=cfg["epochs"], seed=args.seed)
     atomic_write_json(out_dir / "linear_metrics.json", result)
     return result
+
+
+def classification_sets(root, fmt, train_tf, test_tf):
+    """(train, test) of a top-1 probe: ImageFolder train/ val/, or CIFAR-10/100 train / test."""
+    if fmt in CIFAR:
+        return (cifar_dataset(root, fmt, True, train_tf, keys=("--data", "--data-format")),
+                cifar_dataset(root, fmt, False, test_tf, keys=("--data", "--data-format")))
+    if fmt != "imagefolder":
+        raise UserError(f"--data-format {fmt}: use imagefolder, cifar10 or cifar100")
+    return image_folders(root, train_tf, test_tf)
 
 
 def _parse_classes(spec):
@@ -328,20 +400,32 @@ def _parse_classes(spec):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pretrain.linear", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint.pth, torchvision or MoCo state dict")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ val/, or the folder holding VOC2007")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="pretraining checkpoint.pth, torchvision or MoCo state dict")
+    source.add_argument("--random-init", action="store_true",
+                        help="probe an untrained network (--arch, --stem; weights from --seed)")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ val/, the folder holding "
+                                                 "cifar-10-batches-py/ (or cifar-100-python/), or the "
+                                                 "folder holding VOC2007")
+    p.add_argument("--data-format", choices=("imagefolder", *CIFAR),
+                   help="of --data for the imagenet / cifar presets (default: the checkpoint config's "
+                        "data.format, else imagefolder)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="imagenet")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--arch", help="torchvision ResNet name (default: the checkpoint's, else resnet50)")
+    p.add_argument("--stem", choices=STEMS, help="ResNet stem (default: the checkpoint config's model.stem, "
+                                                 "else cifar for a 3x3 conv1, else imagenet)")
+    p.add_argument("--knn-k", type=int, default=DEFAULTS["knn"]["k"], help="kNN neighbours (the monitor's)")
+    p.add_argument("--knn-t", type=float, default=DEFAULTS["knn"]["t"], help="kNN temperature (the monitor's)")
     p.add_argument("--classes", help='VOC class list: "synthetic" or comma-separated names '
                                      "(default: sorted names found in the annotations)")
-    p.add_argument("--output-dir", help="default: <checkpoint folder>/linear_<preset>")
+    p.add_argument("--output-dir", help="default: <checkpoint folder>/linear_<preset> (required with --random-init)")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="classifier init and order; --random-init's weights")
     return p.parse_args(argv)
 
 

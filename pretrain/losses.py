@@ -13,6 +13,13 @@ def soft_cross_entropy(logits, y):
     return -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+@torch.no_grad()
+def instance_top1(logits, positive):
+    """Instance-discrimination top-1 in percent: how often the positive key's logit (column
+    positive[i] of row i) is the largest of all candidates. A 0-d tensor: no host sync."""
+    return (logits.argmax(dim=1) == positive).float().mean() * 100
+
+
 def one_hot_labels(s, num_keys, device=None):
     """y_i: 1 on key i (the positive of query i sits at column i of B̄), 0 elsewhere."""
     return torch.eye(s, num_keys, device=device)

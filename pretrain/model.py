@@ -10,31 +10,46 @@ from pretrain import losses as L
 from pretrain.utils import get_world_size
 
 
-def build_backbone(arch):
-    """A torchvision ResNet (random init) whose fc is Identity: returns pooled features."""
+STEMS = ("imagenet", "cifar")
+
+
+def set_stem(net, stem):
+    """The ResNet's stem: `imagenet` keeps torchvision's 7x7 stride-2 conv1 + 3x3 max-pool;
+    `cifar` is a 3x3 stride-1 conv1 and no max-pool (maxpool = Identity), as every CIFAR
+    self-supervised codebase (MoCo's CIFAR demo, SimCLR, ...): 32-px images keep their
+    resolution and layer4 works at 4x4 instead of 1x1. State-dict keys are the same."""
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's
+        net.maxpool = nn.Identity()
+    elif stem != "imagenet":
+        raise ValueError(f"unknown stem '{stem}': use imagenet or cifar")
+    return net
+
+
+def _resnet(arch, stem):
     try:
         net = torchvision.models.__dict__[arch](weights=None)
     except KeyError:
         raise ValueError(f"unknown arch '{arch}': use a torchvision ResNet name such as resnet50") from None
+    return set_stem(net, stem)
+
+
+def build_backbone(arch, stem="imagenet"):
+    """A torchvision ResNet (random init) whose fc is Identity: returns pooled features."""
+    net = _resnet(arch, stem)
     net.fc = nn.Identity()
     return net
 
 
-def build_encoder(arch, dim, head_depth, head_hidden, head_bn=False):
-    """ResNet whose .fc is the MLP head (MoCo's layout: fc.0, fc.2, ... are the Linears).
-
-    head_bn: BatchNorm1d after each hidden Linear (SimCLR / MoCo v3's head; a recipe switch,
-    off in MoCo v2 and the paper). Without it a randomly initialised head maps every image
-    to nearly one direction, which small, short runs take long to leave.
-    """
-    net = torchvision.models.__dict__[arch](weights=None)
+def build_encoder(arch, dim, head_depth, head_hidden, stem="imagenet"):
+    """ResNet whose .fc is the MLP head (MoCo's layout: fc.0, fc.2, ... are the Linears)."""
+    net = _resnet(arch, stem)
     width = net.fc.in_features
     hidden = head_hidden or width
     layers, d_in = [], width
     for _ in range(head_depth - 1):
-        layers += [nn.Linear(d_in, hidden, bias=not head_bn)]
-        layers += [nn.BatchNorm1d(hidden)] if head_bn else []
-        layers += [nn.ReLU(inplace=True)]
+        layers += [nn.Linear(d_in, hidden), nn.ReLU(inplace=True)]
         d_in = hidden
     layers.append(nn.Linear(d_in, dim))
     net.fc = nn.Sequential(*layers)
@@ -72,18 +87,18 @@ class MoCo(nn.Module):
     dim: feature dim; K: queue size b; m: EMA momentum; T: temperature τ;
     in_batch: in-batch keys in B̄ (SANE) vs MoCo v2's positive-against-queue logits;
     slr / mm: dicts of the config sections (None = off); shuffle_splits: sub-batches of the
-    key-encoder BN shuffle when running as one process.
+    key-encoder BN shuffle when running as one process; stem: imagenet | cifar (set_stem).
     """
 
     def __init__(self, arch="resnet50", dim=128, K=65536, m=0.999, T=0.2, head_depth=2,
-                 head_hidden=0, head_bn=False, in_batch=True, slr=None, mm=None, shuffle_bn=True,
-                 shuffle_splits=2):
+                 head_hidden=0, in_batch=True, slr=None, mm=None, shuffle_bn=True,
+                 shuffle_splits=2, stem="imagenet"):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.in_batch, self.slr, self.mm = in_batch, slr, mm
         self.shuffle_bn, self.shuffle_splits = shuffle_bn, shuffle_splits
-        self.encoder_q = build_encoder(arch, dim, head_depth, head_hidden, head_bn)
-        self.encoder_k = build_encoder(arch, dim, head_depth, head_hidden, head_bn)
+        self.encoder_q = build_encoder(arch, dim, head_depth, head_hidden, stem)
+        self.encoder_k = build_encoder(arch, dim, head_depth, head_hidden, stem)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad = False
@@ -164,8 +179,10 @@ class MoCo(nn.Module):
                 # MoCo v2 exactly: positive logit against the queue, label 0
                 l_pos = (q * k).sum(dim=1, keepdim=True)
                 logits = torch.cat([l_pos, q @ queue], dim=1) / self.T
-                loss = F.cross_entropy(logits, torch.zeros(s, dtype=torch.long, device=q.device))
+                positive = torch.zeros(s, dtype=torch.long, device=q.device)
+                loss = F.cross_entropy(logits, positive)
                 stats["loss_vanilla"] = loss.detach()
+                stats["inst_top1"] = L.instance_top1(logits, positive)
             else:
                 keys = torch.cat([k, queue.T])  # B̄ = {g(x̃_1..s)} ∪ queue, [s + b, dim]
                 y = L.one_hot_labels(s, keys.shape[0], q.device)
@@ -180,8 +197,10 @@ class MoCo(nn.Module):
                 if vanilla == "auto":
                     vanilla = "onehot" if self.mm else "refined"
                 y_v = y_bar if vanilla == "refined" else y
-                loss = L.soft_cross_entropy(q @ keys.T / self.T, y_v)
+                logits = q @ keys.T / self.T
+                loss = L.soft_cross_entropy(logits, y_v)
                 stats["loss_vanilla"] = loss.detach()
+                stats["inst_top1"] = L.instance_top1(logits, torch.arange(s, device=q.device))
                 if self.mm:
                     y_mix = L.mix_labels(y_bar, theta, perm)  # y′
                     loss_mm = sum(L.soft_cross_entropy(F.normalize(f.float(), dim=1) @ keys.T / self.T,
@@ -208,8 +227,8 @@ def build_model(cfg):
     mc = cfg.model
     return MoCo(
         arch=mc.arch, dim=mc.dim, K=mc.queue, m=mc.m, T=mc.tau, head_depth=mc.head_depth,
-        head_hidden=mc.head_hidden, head_bn=mc.head_bn, in_batch=mc.in_batch_negatives,
+        head_hidden=mc.head_hidden, in_batch=mc.in_batch_negatives,
         slr=dict(cfg.slr) if cfg.slr.enabled else None,
         mm=dict(cfg.mm) if cfg.mm.enabled else None,
-        shuffle_bn=mc.shuffle_bn, shuffle_splits=mc.shuffle_bn_splits,
+        shuffle_bn=mc.shuffle_bn, shuffle_splits=mc.shuffle_bn_splits, stem=mc.stem,
     )

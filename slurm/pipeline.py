@@ -1,5 +1,6 @@
-"""The suite as a list of stages (pretrain -> convert -> transfer over seeds -> results table),
-each a command line with the file that marks it complete; run in order or as Slurm jobs."""
+"""The suite as a list of stages (pretrain -> linear probes, convert -> transfer over seeds ->
+results table), each a command line with the file that marks it complete; run in order or as
+Slurm jobs."""
 import contextlib
 import os
 import shlex
@@ -11,6 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_INIT = "random_init"  # the backbone name of fine-tunes from no pretrained weights
+PROBE_PRESETS = ("imagenet", "cifar", "voc07")  # pretrain.linear.PRESETS (not imported: no torch here)
 
 
 class PipelineError(RuntimeError):
@@ -20,10 +22,12 @@ class PipelineError(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     """One command of the suite, complete once `done_file` exists (docs/formats.md)."""
-    name: str                 # "pretrain/<b>", "convert/<b>", "transfer/<b>/<task>/seed<k>", "results"
+    name: str                 # "pretrain/<b>", "probe/<b>/<preset>", "convert/<b>",
+                              # "transfer/<b>/<task>/seed<k>", "results"
     argv: tuple               # the command up to its trailing overrides (run from the repo root)
     done_file: str
-    kind: str = "cpu"         # "pretrain": one process per GPU; "transfer": one per node; "cpu"
+    kind: str = "cpu"         # "pretrain": one process per GPU; "transfer": one per node;
+                              # "probe": one process, one GPU; "cpu"
     opts: tuple = ()          # trailing overrides; launcher flags must go before them
     resume_args: tuple = ()   # flags that resume a partial run (Detectron2's --resume)
     after: tuple = ()         # names of the stages whose outputs this one reads
@@ -51,6 +55,23 @@ def pretrain_stage(config, output_dir, data_root=None, epochs=None, opts=(), nam
                  str(Path(output_dir) / "done.json"), kind="pretrain", opts=(*overrides, *opts))
 
 
+def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=None, data_format=None,
+                opts=(), after=(), python=sys.executable):
+    """`python -m pretrain.linear`: the linear probe of `preset` and the kNN top-1 of the same frozen
+    features, on the backbone in `checkpoint`, or with random_init=(arch, stem) on an untrained
+    one (seed 0). `opts` are its trailing flags (e.g. --epochs 5). No resume: a rerun starts over."""
+    if random_init is not None:
+        arch, stem = random_init
+        source = ("--random-init", "--arch", arch, "--stem", stem, "--seed", "0")
+    else:
+        source = ("--checkpoint", str(checkpoint))
+    fmt = ("--data-format", data_format) if data_format and preset != "voc07" else ()
+    return Stage(f"probe/{name}/{preset}", (python, "-m", "pretrain.linear", *source, "--data", str(data),
+                                           "--preset", preset, *fmt, "--output-dir", str(output_dir)),
+                 str(Path(output_dir) / "linear_metrics.json"), kind="probe", opts=tuple(opts),
+                 after=tuple(after))
+
+
 def convert_stage(name, pretrain_dir, weights, python=sys.executable):
     ckpt = str(Path(pretrain_dir) / "checkpoint.pth")
     return Stage(f"convert/{name}", (python, "tools/convert_checkpoint.py", ckpt, str(weights)),
@@ -69,10 +90,10 @@ def transfer_stage(config, weights, backbone, output_dir, seed, num_gpus=1, opts
                  resume_args=("--resume",), after=tuple(after))
 
 
-def results_stage(root, after=(), python=sys.executable):
-    """The table over every run under root: rebuilt whenever a run it reads is (re)run."""
+def results_stage(root, after=(), python=sys.executable, parts=("pretrain", "transfer")):
+    """The table over every run under root/<part>: rebuilt whenever a run it reads is (re)run."""
     root = Path(root)
-    return Stage("results", (python, "tools/results_table.py", str(root / "pretrain"), str(root / "transfer"),
+    return Stage("results", (python, "tools/results_table.py", *(str(root / p) for p in parts),
                              "--out", str(root / "results.md")), str(root / "results.md"), after=tuple(after),
                  refresh=True)
 
@@ -97,33 +118,82 @@ def named_configs(pretrain_configs, opts=()):
     return {name: (config, tuple(opts)) for name, config in zip(names, pretrain_configs)}
 
 
+def resolve_backbone(config, opts, data_root):
+    """(arch, stem, data format) of a pretraining config with its overrides, as the run will see
+    them; a bad config is a PipelineError naming it (caught before anything is submitted)."""
+    from pretrain.config import load_config   # torch-free for the caller until here
+    from pretrain.utils import UserError
+
+    try:
+        cfg = load_config(config, [*opts, f"data.root={data_root}"])
+    except UserError as e:
+        raise PipelineError(f"pretraining config {config}: {e}") from None
+    return cfg.model.arch, cfg.model.stem, cfg.data.format
+
+
 def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
-                 python=sys.executable):
+                 python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None):
     """Every stage of the suite under `out`, in an order that runs each after its inputs:
-    out/pretrain/<b>/, out/weights/<b>.pkl, out/transfer/<b>/<task>/seed<k>/, out/results.md,
-    for each backbone <b> of `backbones` ({name: (pretraining config, overrides)}), and with
-    `random_init` the same fine-tunes from no weights as backbone `random_init`."""
+    out/pretrain/<b>/, out/pretrain/<b>/linear_<preset>/ (the probes), out/weights/<b>.pkl,
+    out/transfer/<b>/<task>/seed<k>/, out/results.md, for each backbone <b> of `backbones`
+    ({name: (pretraining config, overrides)}). With `random_init`, the same fine-tunes from no
+    weights as backbone `random_init`, and its probes in out/pretrain/random_init/linear_<preset>/
+    (the pretrained backbones' arch and stem, seed 0).
+
+    probe_presets: pretrain.linear presets to run on each backbone (imagenet and cifar read
+    `data_root` in its config's data.format; voc07 reads `probe_voc_root`, the folder holding
+    VOC2007); probe_opts: their trailing flags (e.g. ("--epochs", "5")). A backbone with the CIFAR
+    stem has no Detectron2 equivalent: it is pretrained and probed, never converted or fine-tuned."""
     out = Path(out).resolve()
     if random_init and RANDOM_INIT in backbones:
         raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
                             "random-init baseline: rename the config")
+    unknown = [p for p in probe_presets if p not in PROBE_PRESETS]
+    if unknown:
+        raise PipelineError(f"unknown probe preset {unknown[0]}: use {', '.join(PROBE_PRESETS)}")
+    if "voc07" in probe_presets and not probe_voc_root:
+        raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
+                            "default $DETECTRON2_DATASETS): set it")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
     runs = [(c, seeds) for c in voc_configs] + [(c, coco_seeds) for c in coco_configs]
-    stages, sources = [], []  # sources: (backbone, weights, the stage that writes them)
+    stages, probes, sources = [], [], []  # sources: (backbone, weights, the stage that writes them)
+    resolved = {name: resolve_backbone(abspath(config), opts, abspath(data_root))
+                for name, (config, opts) in backbones.items()}
+
+    def probe_stages(name, fmt, **source):
+        return [probe_stage(name, abspath(probe_voc_root) if preset == "voc07" else abspath(data_root), preset,
+                            out / "pretrain" / name / f"linear_{preset}", data_format=fmt, opts=probe_opts,
+                            python=python, **source) for preset in probe_presets]
+
     for name, (config, opts) in backbones.items():
         pre_dir, weights = out / "pretrain" / name, out / "weights" / f"{name}.pkl"
         stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, name, python))
-        stages.append(convert_stage(name, pre_dir, weights, python))
-        sources.append((name, weights, (f"convert/{name}",)))
+        probes += probe_stages(name, resolved[name][2], checkpoint=pre_dir / "checkpoint.pth",
+                               after=(f"pretrain/{name}",))
+        if resolved[name][1] == "imagenet":
+            stages.append(convert_stage(name, pre_dir, weights, python))
+            sources.append((name, weights, (f"convert/{name}",)))
     if random_init:
         sources.append((RANDOM_INIT, "", ()))
+        if probe_presets:
+            shapes = set(resolved.values())
+            if len(shapes) != 1:
+                raise PipelineError(
+                    "the random-init probes take the pretrained backbones' arch, stem and data format, but "
+                    + ("there is no pretraining config" if not shapes else
+                       f"they differ ({', '.join(f'{b}: {a}/{s}/{f}' for b, (a, s, f) in resolved.items())})")
+                    + ": run one pipeline per kind of backbone")
+            arch, stem, fmt = shapes.pop()
+            probes += probe_stages(RANDOM_INIT, fmt, random_init=(arch, stem))
     transfers = [transfer_stage(abspath(det_config), weights, name,
                                 out / "transfer" / name / Path(det_config).stem / f"seed{seed}", seed,
                                 num_gpus, transfer_opts, after, python)
                  for name, weights, after in sources
                  for det_config, n_seeds in runs for seed in range(first_seed, first_seed + n_seeds)]
-    return stages + transfers + [results_stage(out, [s.name for s in transfers], python)]
+    reads = [s.name for s in probes + transfers]
+    parts = ("pretrain", "transfer") if transfers else ("pretrain",)  # (no transfer/ folder to read)
+    return stages + probes + transfers + [results_stage(out, reads, python, parts)]
 
 
 def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):

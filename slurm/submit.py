@@ -70,7 +70,7 @@ def parse_args(argv=None):
     t.add_argument("--seeds", type=int, default=5)
     t.add_argument("--first-seed", type=int, default=0)
 
-    q = sub.add_parser("pipeline", parents=[common], help="pretrain -> convert -> transfer -> table")
+    q = sub.add_parser("pipeline", parents=[common], help="pretrain -> probes, convert -> transfer -> table")
     q.add_argument("--pretrain-config", nargs="+", required=True, help="one backbone each")
     q.add_argument("--data-root", required=True)
     q.add_argument("--epochs", type=int)
@@ -81,6 +81,12 @@ def parse_args(argv=None):
     q.add_argument("--first-seed", type=int, default=0)
     q.add_argument("--random-init", action="store_true",
                    help=f"also fine-tune from no pretrained weights (backbone {pipeline.RANDOM_INIT})")
+    q.add_argument("--probe", nargs="+", default=[], choices=pipeline.PROBE_PRESETS, metavar="PRESET",
+                   help="linear probes (and their kNN top-1) of every pretrained backbone, and of random "
+                        f"init with --random-init: {', '.join(pipeline.PROBE_PRESETS)}")
+    q.add_argument("--probe-opts", default="", help='pretrain.linear flags for every probe, e.g. "--epochs 10"')
+    q.add_argument("--probe-voc-root", default=os.environ.get("DETECTRON2_DATASETS"),
+                   help="the folder holding VOC2007/ for --probe voc07 (default: $DETECTRON2_DATASETS)")
     q.add_argument("--transfer-nodes", type=int, default=1)
     q.add_argument("--pretrain-opts", default="", help='pretrain overrides, e.g. "data.batch_size=512"')
     q.add_argument("--transfer-opts", default="", help='Detectron2 overrides, e.g. "SOLVER.MAX_ITER 100"')
@@ -102,8 +108,13 @@ def check_inputs(args):
         if not Path(f).is_file():
             raise UsageError(f"{f}: no such file (paths are relative to {Path.cwd()})")
     root = getattr(args, "data_root", None)
-    if root and not (Path(root) / "train").is_dir():
-        raise UsageError(f"--data-root {root}: no {root}/train/ folder (an ImageFolder root is needed)")
+    layouts = ("train", "cifar-10-batches-py", "cifar-100-python")  # data.format imagefolder / cifar*
+    if root and not any((Path(root) / d).is_dir() for d in layouts):
+        raise UsageError(f"--data-root {root}: no {root}/train/ folder (an ImageFolder root is needed; "
+                         "data.format cifar10/cifar100: the folder holding cifar-10-batches-py/ or cifar-100-python/)")
+    if "voc07" in getattr(args, "probe", ()) and not (Path(args.probe_voc_root or "") / "VOC2007").is_dir():
+        raise UsageError(f"--probe voc07: no VOC2007/ in --probe-voc-root {args.probe_voc_root} "
+                         "(default $DETECTRON2_DATASETS)")
     check_numbers(args)
     if args.cluster in ("local", "debug") and max(args.nodes, getattr(args, "transfer_nodes", 1)) > 1:
         raise UsageError(f"--nodes > 1 needs --cluster slurm ({args.cluster} runs on this machine)")
@@ -190,7 +201,9 @@ def stages_for(args):
     backbones = pipeline.named_configs(args.pretrain_config, shlex.split(args.pretrain_opts))
     return pipeline.build_stages(backbones, args.data_root, args.out, args.voc_config, args.coco_config,
                                  args.seeds, args.coco_seeds, args.first_seed, args.epochs,
-                                 shlex.split(args.transfer_opts), gpus, args.random_init, py)
+                                 shlex.split(args.transfer_opts), gpus, args.random_init, py,
+                                 probe_presets=args.probe, probe_opts=shlex.split(args.probe_opts),
+                                 probe_voc_root=args.probe_voc_root)
 
 
 def default_job_dir(args):
@@ -207,6 +220,9 @@ def resources(args, kind):
     elif kind == "transfer":  # one task per node: Detectron2's launch() spawns one process per GPU
         shape = dict(nodes=getattr(args, "transfer_nodes", args.nodes), gpus_per_node=gpus, tasks_per_node=1,
                      cpus_per_task=args.cpus_per_task * (gpus or 1), timeout_min=args.timeout_min)
+    elif kind == "probe":  # pretrain.linear: one process on one GPU (frozen features, a linear layer)
+        shape = dict(nodes=1, gpus_per_node=1 if gpus else None, tasks_per_node=1,
+                     cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min)
     else:
         shape = dict(nodes=1, tasks_per_node=1, cpus_per_task=args.cpus_per_task, timeout_min=CPU_STAGE_MINUTES)
     return dict(shape, mem_gb=args.mem_gb, slurm_partition=args.partition, slurm_account=args.account,

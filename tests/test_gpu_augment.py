@@ -166,7 +166,7 @@ def test_from_config_mirrors_cpu_transforms():
     assert [v.size for v in multi.mm_views] == [224, 192, 160, 128, 96]
     assert multi.mm_views[0].scale == (0.2, 1.0) and multi.mm_views[1].scale == (0.086, 0.429)
     assert all(v.randaugment == (5, 10, 31) for v in multi.mm_views)
-    moco = ga.GPUMultiCrop.from_config(load_config(None, ["mm.enabled=false", "slr.enabled=false"]))
+    moco = ga.GPUMultiCrop.from_config(load_config(None, ["method=mocov2"]))
     assert moco.mm_views == []
     with pytest.raises(ValueError, match="cannot mirror"):
         ga.view_spec(T.Compose([T.RandomResizedCrop(32), T.RandomVerticalFlip()]))

@@ -131,3 +131,12 @@ def test_label_quality_other_mass_skips_positive_and_unknown_keys():
     onehot = L.label_quality(L.one_hot_labels(2, 5), torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
     assert onehot["slr_other_same_class_mass"].item() == 0.0
     assert onehot["slr_label_error"].item() == pytest.approx(onehot["onehot_label_error"].item())
+
+
+def test_instance_top1_counts_rows_whose_positive_logit_is_largest():
+    logits = torch.tensor([[3.0, 1.0, 2.0],    # positive (column 0) largest
+                           [1.0, 2.0, 0.0],    # positive (column 1) largest
+                           [5.0, 1.0, 4.0],    # positive (column 2) loses to column 0
+                           [0.0, 1.0, 2.0]])   # positive (column 0) smallest
+    top1 = L.instance_top1(logits, torch.tensor([0, 1, 2, 0]))
+    assert top1.dim() == 0 and top1.item() == 50.0

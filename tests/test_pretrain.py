@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from pretrain.__main__ import main as cli_main
-from pretrain.config import load_config
+from pretrain.config import METHODS, load_config, switches
 from pretrain.engine import train
 from pretrain.model import MoCo, build_backbone, load_backbone_state
 from pretrain.utils import UserError
@@ -107,10 +107,15 @@ def test_two_epochs_lower_loss_and_log_metrics(trained):
     knn = [r for r in recs if r["type"] == "knn"]
     assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
     done = json.loads((out / "done.json").read_text())
-    assert done == {"method": "sane", "arch": "resnet18", "epochs": 2, "iters": 6,
+    assert done == {"method": "sane", "switches": {"slr.enabled": True, "slr.p": True, "slr.q": True,
+                                                   "mm.enabled": True, "model.in_batch_negatives": True},
+                    "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
                     "knn_top1": knn[-1]["knn_top1"], "checkpoint": "checkpoint.pth"}
+    assert all(0 <= r["inst_top1"] <= 100 for r in train_recs)
     assert load_config(out / "config.yaml").to_dict() == trained["cfg"].to_dict()
-    assert list(out.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    assert {"train/loss", "train/inst_top1", "knn/knn_top1"} <= set(events.Tags()["scalars"])
     assert (out / "checkpoint_0001.pth").is_file() and (out / "checkpoint_0002.pth").is_file()
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["iter"] == 6 and ckpt["epoch"] == 2
@@ -232,6 +237,42 @@ def test_shipped_configs():
     cifar = load_config("configs/pretrain/sane_r50_cifar.yaml")
     assert (cifar.model.queue, cifar.slr.tau_prime, cifar.mm.kappa) == (4096, 0.8, 2.0)
     assert (cifar.slr.mu_start, cifar.slr.mu_end) == (0.0, 1.0)
+    assert (cifar.method, cifar.model.stem, cifar.data.format, cifar.data.crop) == ("sane", "cifar", "cifar10", 32)
+    for name in ("sane_r50_200ep", "sane_multi_r50_200ep", "sane_r50_cifar"):
+        assert switches(load_config(f"configs/pretrain/{name}.yaml")) == METHODS["sane"]
+
+
+def test_named_methods_set_and_check_the_switches(tmp_path, capsys):
+    grid = {  # (SLR p, SLR q, MM, in-batch negatives): the paper's ablation grid and MoCo v2
+        "mocov2": (0, 0, 0, 0), "mocov2_inbatch": (0, 0, 0, 1), "slr_p": (1, 0, 0, 1), "slr_q": (0, 1, 0, 1),
+        "slr": (1, 1, 0, 1), "mm": (0, 0, 1, 1), "slr_p_mm": (1, 0, 1, 1), "slr_q_mm": (0, 1, 1, 1),
+        "sane": (1, 1, 1, 1)}
+    assert set(grid) == set(METHODS)
+    for name, (p, q, mm, in_batch) in grid.items():
+        cfg = load_config(None, [f"method={name}"])
+        assert switches(cfg) == {"slr.enabled": bool(p or q), "slr.p": bool(p), "slr.q": bool(q),
+                                 "mm.enabled": bool(mm), "model.in_batch_negatives": bool(in_batch)}, name
+        model = MoCo("resnet18", dim=4, K=8, in_batch=cfg.model.in_batch_negatives,
+                     slr=dict(cfg.slr) if cfg.slr.enabled else None, mm=dict(cfg.mm) if cfg.mm.enabled else None)
+        assert (model.in_batch, bool(model.slr), bool(model.mm)) == (bool(in_batch), bool(p or q), bool(mm))
+    # a method on the command line replaces the file's; agreeing switches are accepted
+    assert switches(load_config("configs/pretrain/sane_r50_200ep.yaml", ["method=mocov2"])) == METHODS["mocov2"]
+    load_config("configs/pretrain/sane_r50_200ep.yaml", ["method=mocov2", "slr.enabled=false",
+                                                         "mm.enabled=false", "model.in_batch_negatives=false"])
+    # a contradiction: one line naming the key, the method and the method the switches make
+    assert cli_main(["--config", "configs/pretrain/sane_r50_200ep.yaml", "slr.enabled=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "slr.enabled=false contradicts method sane" in err and "method=mm" in err
+    with pytest.raises(UserError, match=r"unknown method 'simclr'; known methods: mocov2, mocov2_inbatch"):
+        load_config(None, ["method=simclr"])
+    conflicting = tmp_path / "c.yaml"
+    conflicting.write_text("method: mocov2\nmodel: {in_batch_negatives: true}\n")
+    with pytest.raises(UserError, match=f"{conflicting}: model.in_batch_negatives=true contradicts method "
+                                        "mocov2.*method=mocov2_inbatch"):
+        load_config(conflicting)
+    with pytest.raises(UserError, match=r"slr.q=false contradicts method sane \(the default"):
+        load_config(None, ["slr.q=false"])
     assert load_config("configs/pretrain/demo.yaml").model.arch == "resnet18"
 
 

@@ -313,3 +313,79 @@ def test_demo_pipeline_local_end_to_end(corpus, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert submit.main(argv) == 0  # again: every stage is complete, nothing is submitted
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_probe_stages_follow_pretraining_and_feed_the_table(capsys, tmp_path, image_root):
+    stages = pipeline.build_stages(pipeline.named_configs(["configs/pretrain/demo.yaml"]), image_root,
+                                   tmp_path / "out", voc_configs=["configs/detection/demo_shapes_voc_R_18_C4.yaml"],
+                                   random_init=True, probe_presets=("cifar", "voc07"),
+                                   probe_opts=("--epochs", "5"), probe_voc_root=tmp_path / "voc")
+    by_name = {s.name: s for s in stages}
+    out = tmp_path / "out"
+    probe = by_name["probe/demo/cifar"]
+    assert probe.after == ("pretrain/demo",) and probe.kind == "probe"
+    assert probe.done_file == str(out / "pretrain/demo/linear_cifar/linear_metrics.json")
+    assert probe.command() == [sys.executable, "-m", "pretrain.linear", "--checkpoint",
+                               str(out / "pretrain/demo/checkpoint.pth"), "--data", str(image_root), "--preset",
+                               "cifar", "--data-format", "imagefolder", "--output-dir",
+                               str(out / "pretrain/demo/linear_cifar"), "--epochs", "5"]
+    assert by_name["probe/demo/voc07"].argv[by_name["probe/demo/voc07"].argv.index("--data") + 1] == \
+        str(tmp_path / "voc")
+    rand = by_name["probe/random_init/voc07"]
+    assert rand.after == () and rand.done_file == str(out / "pretrain/random_init/linear_voc07/linear_metrics.json")
+    assert rand.argv[3:11] == ("--random-init", "--arch", "resnet18", "--stem", "imagenet", "--seed", "0", "--data")
+    assert set(by_name["results"].after) >= {"probe/demo/cifar", "probe/demo/voc07", "probe/random_init/cifar",
+                                             "probe/random_init/voc07"}
+    # a CIFAR-stem backbone is pretrained and probed, never converted to Detectron2 weights
+    cifar_root = tmp_path / "cifar"
+    (cifar_root / "cifar-10-batches-py").mkdir(parents=True)
+    stages = pipeline.build_stages(pipeline.named_configs(["configs/pretrain/sane_r50_cifar.yaml"]), cifar_root,
+                                   tmp_path / "c", voc_configs=["configs/detection/voc_R_50_C4_24k.yaml"],
+                                   probe_presets=("cifar",))
+    assert [s.name for s in stages] == ["pretrain/sane_r50_cifar", "probe/sane_r50_cifar/cifar", "results"]
+    assert stages[1].argv[stages[1].argv.index("--data-format") + 1] == "cifar10"
+    assert stages[-1].argv[2:] == (str(tmp_path / "c/pretrain"), "--out", str(tmp_path / "c/results.md"))
+    with pytest.raises(pipeline.PipelineError, match="voc07 probe reads VOC2007"):
+        pipeline.build_stages({}, image_root, tmp_path, probe_presets=("voc07",))
+    with pytest.raises(pipeline.PipelineError, match="they differ"):
+        pipeline.build_stages(pipeline.named_configs(["configs/pretrain/demo.yaml",
+                                                      "configs/pretrain/sane_r50_cifar.yaml"]),
+                              image_root, tmp_path, random_init=True, probe_presets=("cifar",))
+    with pytest.raises(pipeline.PipelineError, match="slr.enabled=false contradicts method sane"):
+        pipeline.build_stages({"demo": ("configs/pretrain/demo.yaml", ("slr.enabled=false",))}, image_root, tmp_path)
+
+    # submit.py: --probe, --probe-opts; a probe job holds one GPU and waits for its pretraining
+    out = dry_run(capsys, "pipeline", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root",
+                  str(image_root), "--out", str(tmp_path / "pipe"), "--coco-config", "--voc-config",
+                  "--probe", "cifar", "--probe-opts", "--epochs 3", "--gpus-per-node", "8", "--cluster", "slurm")
+    jobs = re.findall(r"^# ---- job (\S+)(?: \(after (.*)\))?$", out, flags=re.M)
+    assert jobs == [("pretrain/demo", ""), ("convert/demo", "pretrain/demo"),
+                    ("probe/demo/cifar", "pretrain/demo"), ("results", "probe/demo/cifar")]
+    probe_job = out.split("# ---- job probe/demo/cifar")[1].split("# ---- job")[0]
+    assert "#SBATCH --gpus-per-node=1" in probe_job and "--preset cifar" in probe_job
+    assert probe_job.rstrip().endswith("--epochs 3")
+    assert pipeline.PROBE_PRESETS == tuple(__import__("pretrain.linear").linear.PRESETS)
+
+
+@pytest.mark.slow
+def test_probes_run_in_the_sequential_pipeline_and_fill_the_table(corpus, tmp_path):
+    """pretrain -> probes (cifar, voc07) of the backbone and of random init -> the table's kNN,
+    linear top-1 and VOC07 cls mAP for both rows, from the same probe code."""
+    out = tmp_path / "pipe"
+    opts = (*TINY_PRETRAIN, "epochs=1", "model.arch=resnet18")
+    stages = pipeline.build_stages({"demo": ("configs/pretrain/demo.yaml", opts)}, corpus / "imagefolder", out,
+                                   random_init=True, probe_presets=("cifar", "voc07"), probe_voc_root=corpus,
+                                   probe_opts=("--epochs", "2", "--batch-size", "16", "--image-size", "32",
+                                               "--num-workers", "0", "--device", "cpu"))
+    assert [s.name for s in stages if not s.name.startswith("probe/")] == ["pretrain/demo", "convert/demo", "results"]
+    pipeline.run_sequential(stages, log=lambda m: None, env={"OMP_NUM_THREADS": "1"})
+    table = (out / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]]
+            for line in table.splitlines() if line.startswith("| demo") or line.startswith("| random_init")}
+    assert set(rows) == {"demo", "random_init"}
+    for name, cells in rows.items():
+        assert all(re.fullmatch(r"\d+\.\d \(n=1\)", c) for c in cells), (name, cells)   # kNN, linear, VOC07
+    probe = json.loads((out / "pretrain/demo/linear_cifar/linear_metrics.json").read_text())
+    assert rows["demo"][0] == f"{probe['knn_top1']:.1f} (n=1)"   # the probe's kNN, not the monitor's
+    assert "random_init = untrained resnet18 (imagenet stem)" in table
+    assert "demo = sane: SLR p+q, MM, in-batch negatives" in table

@@ -5,6 +5,11 @@ Needs only torch + numpy: the rename rules follow MoCo's detection/convert-pretr
 
 Input is read with the suite's safe loader (pretrain/safe_load.py: torch.load weights_only=True,
 a .pkl through the restricted unpickler), so no file runs code; non-finite tensors are refused.
+
+A CIFAR-stem backbone (model.stem=cifar: 3x3 stride-1 conv1, no max-pool) is refused for
+Detectron2: its ResNet stem is always 7x7 stride 2 with a max-pool, so the weights would load into
+a different network. It may still be written as a torchvision state dict (build the ResNet with
+pretrain.model.build_backbone(arch, stem="cifar")).
 """
 import argparse
 import collections
@@ -159,6 +164,19 @@ def check_complete(backbone, path):
     return depth
 
 
+def backbone_stem(checkpoint, backbone):
+    """(stem, why): the `model.stem` of a pretraining checkpoint's saved config, else `cifar`
+    for a 3x3 conv1 (the ImageNet stem's conv1 is 7x7), else `imagenet`."""
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    stem = model.get("stem") if isinstance(model, dict) else None
+    if isinstance(stem, str):
+        return stem, f"its config's model.stem={stem}"
+    if tuple(backbone["conv1.weight"].shape[-2:]) == (3, 3):
+        return "cifar", "conv1 is 3x3"
+    return "imagenet", "conv1 is not 3x3"
+
+
 def to_detectron2_name(name):
     for pattern, repl in RENAME_RULES:
         name = re.sub(pattern, repl, name)
@@ -206,14 +224,22 @@ def save_atomic(obj, path, fmt):
 
 def convert(src, dst, fmt="d2", log=print):
     """Read `src`, check it holds a whole ResNet, write `dst`; returns the written object."""
-    state = find_state_dict(load_checkpoint(src), src)
+    checkpoint = load_checkpoint(src)
+    state = find_state_dict(checkpoint, src)
     backbone, skipped, prefix, source = extract_backbone(state, src)
     depth = check_complete(backbone, src)
     check_finite(backbone, src)
+    stem, why = backbone_stem(checkpoint, backbone)
+    if stem != "imagenet" and fmt == "d2":
+        raise ConversionError(
+            f"{src}: a CIFAR-stem ResNet ({why}) has no Detectron2 equivalent (its stem is a 7x7 "
+            "stride-2 conv with max-pool): pretrain with model.stem=imagenet for detection, or "
+            "write --format torchvision")
     out = to_detectron2(backbone) if fmt == "d2" else backbone
     save_atomic(out, dst, fmt)
     n = len(out["model"]) if fmt == "d2" else len(out)
-    log(f"{src}: {source}, ResNet-{depth}")
+    log(f"{src}: {source}, ResNet-{depth}" + (f", CIFAR stem ({why}): build it with "
+                                               "conv1 3x3 stride 1 and no max-pool" if stem != "imagenet" else ""))
     log(f"mapped {n} tensors to {'Detectron2' if fmt == 'd2' else 'torchvision'} names -> {dst}")
     if skipped:
         log(f"skipped {len(skipped)} non-backbone entries: {summarize(skipped, prefix)}")

@@ -38,6 +38,7 @@ class Run:
     metrics: dict = field(default_factory=dict)   # table column -> value
     records: list = field(default_factory=list)   # metrics.jsonl of a pretraining run
     problem: str = ""              # "" when complete, else "unfinished: ..." / "failed: ..."
+    method: str = ""               # pretraining: the method and its resolved switches (a note)
 
 
 # ---------------------------------------------------------------- readers (shared with plots)
@@ -104,9 +105,12 @@ def _finite(x):
 
 
 def pretrain_task(cfg):
-    """'pretrain:<dataset>' from the config's data section (dataset name, else data.root)."""
+    """'pretrain:<dataset>' from the config's data section (dataset name, cifar10 / cifar100 for
+    those formats, else data.root)."""
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     name = data.get("dataset") or data.get("name")
+    if not name and data.get("format") in ("cifar10", "cifar100"):
+        name = data["format"]
     if not name and data.get("root"):
         root = Path(str(data["root"]).rstrip("/"))
         # an ImageFolder root is often <dataset>/imagefolder or <dataset>/train
@@ -127,12 +131,36 @@ def is_pretrain_dir(d, files):
     return "MODEL" not in cfg and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
 
 
+SWITCHES = ("slr.enabled", "slr.p", "slr.q", "mm.enabled", "model.in_batch_negatives")
+
+
+def method_label(method, switches):
+    """'sane: SLR p+q, MM, in-batch negatives' from a method and its resolved switches."""
+    on = lambda key: bool(switches.get(key))  # noqa: E731
+    parts = [f"SLR {'+'.join(x for x in 'pq' if on(f'slr.{x}'))}"] if on("slr.enabled") else []
+    parts += ["MM"] if on("mm.enabled") else []
+    parts.append("in-batch negatives" if on("model.in_batch_negatives") else "queue-only negatives")
+    return f"{method or '?'}: {', '.join(parts)}"
+
+
+def config_switches(cfg):
+    """The switches of a resolved config.yaml (older runs: whatever keys it has)."""
+    out = {}
+    for key in SWITCHES:
+        section, name = key.split(".")
+        value = (cfg.get(section) or {}).get(name) if isinstance(cfg.get(section), dict) else None
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def read_pretrain_run(d):
     cfg = read_yaml(d / "config.yaml")
     _, name, seed = _layout_names(d)
     backbone = d.parent.name if seed is not None else name
     seed = cfg.get("seed", seed)
     run = Run(d, "pretrain", backbone, pretrain_task(cfg), seed)
+    run.method = method_label(cfg.get("method"), config_switches(cfg))
     # a run that died before its first log step has no metrics.jsonl yet
     run.records = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     knn = [r["knn_top1"] for r in run.records if r.get("type") == "knn" and _finite(r.get("knn_top1"))]
@@ -145,6 +173,8 @@ def read_pretrain_run(d):
                        f"iter {last.get('iter', '?')}, written {age(newest)})")
         return run
     done = read_json(d / "done.json")
+    if isinstance(done.get("switches"), dict):  # what the run recorded it ran
+        run.method = method_label(done.get("method"), done["switches"])
     top1 = done.get("knn_top1")
     top1 = top1 if _finite(top1) else (knn[-1] if knn else None)
     if top1 is not None:
@@ -208,10 +238,29 @@ def read_detection_run(d):
     return run
 
 
-def attach_linear(lin_dir, pretrain_runs, problems):
+def random_init_run(lin_dir, lm, pretrain_runs, random_runs):
+    """The row of an untrained backbone (`pretrain.linear --random-init`): one Run per folder
+    holding linear_<preset>/ (its name is the row's), in the section of the pretraining runs
+    beside it (the same pipeline), else of the data it probed."""
+    owner = lin_dir.parent
+    if owner not in random_runs:
+        siblings = sorted(r.task for r in pretrain_runs if r.path.parent.resolve() == owner.parent.resolve())
+        data = {"root": lm.get("data"), "format": lm.get("data_format")} if lm.get("preset") != "voc07" else {}
+        task = max(set(siblings), key=siblings.count) if siblings else pretrain_task({"data": data})
+        random_runs[owner] = Run(owner, "pretrain", owner.name, task, lm.get("seed"),
+                                 method=f"untrained {lm.get('arch', '?')} ({lm.get('stem', 'imagenet')} stem)")
+    return random_runs[owner]
+
+
+def attach_linear(lin_dir, pretrain_runs, problems, random_runs=None):
     """Put a linear_metrics.json on the pretraining run whose checkpoint it probed (or, failing
-    that, the pretraining run that holds the probe directory)."""
+    that, the pretraining run that holds the probe directory); a random-init probe makes (or
+    joins) its own row. The probe's kNN top-1 (the monitor's protocol on the same frozen features)
+    replaces the monitor's, so every row of the column, random init included, is the same code."""
     lm = read_json(lin_dir / "linear_metrics.json")
+    if lm.get("random_init") and random_runs is not None:
+        run = random_init_run(lin_dir, lm, pretrain_runs, random_runs)
+        return _put_probe(run, lm, lin_dir, problems)
     ckpt = Path(str(lm.get("checkpoint", "")))
     candidates = [ckpt] if ckpt.is_absolute() else [lin_dir / ckpt, Path.cwd() / ckpt]
     owners = {r.path.resolve(): r for r in pretrain_runs}
@@ -222,6 +271,12 @@ def attach_linear(lin_dir, pretrain_runs, problems):
     if run is None:
         problems.append((str(lin_dir), f"orphan linear probe: checkpoint {ckpt} is in no pretraining run found"))
         return
+    _put_probe(run, lm, lin_dir, problems)
+
+
+def _put_probe(run, lm, lin_dir, problems):
+    if _finite(lm.get("knn_top1")):
+        run.metrics["kNN top-1"] = float(lm["knn_top1"])
     if lm.get("preset") == "voc07" or "mAP" in lm:
         column, value = "VOC07 cls mAP", lm.get("mAP")
     else:
@@ -259,13 +314,13 @@ def find_runs(paths):
                     problems.append((str(d), "missing: seed directory holds no run files"))
             except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as e:
                 problems.append((str(d), f"failed: unreadable run files ({type(e).__name__}: {e})"))
-    pretrain_runs = [r for r in runs if r.kind == "pretrain"]
+    pretrain_runs, random_runs = [r for r in runs if r.kind == "pretrain"], {}
     for d in linear_dirs:
         try:
-            attach_linear(d, pretrain_runs, problems)
+            attach_linear(d, pretrain_runs, problems, random_runs)
         except (OSError, ValueError) as e:
             problems.append((str(d), f"failed: unreadable linear_metrics.json ({e})"))
-    return runs, problems
+    return runs + list(random_runs.values()), problems
 
 
 def missing_seeds(runs):
@@ -346,6 +401,22 @@ def build_sections(runs, reported, mode="match"):
     return sections
 
 
+def method_notes(runs):
+    """{(kind, task): [(backbone, 'method: switches')]} for the pretraining sections."""
+    notes = {}
+    for r in sorted(runs, key=lambda r: (r.backbone, str(r.path))):
+        if r.kind == "pretrain" and r.method:
+            labels = notes.setdefault(("pretrain", r.task), {}).setdefault(r.backbone, [])
+            if r.method not in labels:
+                labels.append(r.method)
+    return {k: [(b, " / ".join(v)) for b, v in groups.items()] for k, groups in notes.items()}
+
+
+def _note_line(notes, kind, task):
+    entries = (notes or {}).get((kind, task))
+    return "Methods: " + "; ".join(f"{b} = {label}" for b, label in entries) if entries else None
+
+
 # ---------------------------------------------------------------- rendering
 def format_cell(cell, pm="±", empty="—"):
     if cell is None:
@@ -356,13 +427,15 @@ def format_cell(cell, pm="±", empty="—"):
     return f"{mean:.1f} {pm} {std:.1f} (n={n})" if std is not None else f"{mean:.1f} (n={n})"
 
 
-def render_markdown(sections, incomplete):
+def render_markdown(sections, incomplete, notes=None):
     out = [f"_{STD_NOTE}_", ""]
     for kind, task, columns, rows in sections:
         out += [f"### {task} ({kind})", "", "| Backbone | " + " | ".join(columns) + " | Source |",
                 "|---" * (len(columns) + 2) + "|"]
         out += ["| " + " | ".join([label] + [format_cell(cells.get(c)) for c in columns] + [source]) + " |"
                 for label, source, cells in rows]
+        note = _note_line(notes, kind, task)
+        out += ["", note] if note else []
         out.append("")
     out.append("Incomplete runs:" if incomplete else "Incomplete runs: none")
     out += [f"- {path} — {reason}" for path, reason in incomplete]
@@ -373,7 +446,7 @@ def _tex(s):
     return re.sub(r"([_&%#$])", r"\\\1", str(s))
 
 
-def render_latex(sections, incomplete):
+def render_latex(sections, incomplete, notes=None):
     out = [f"% {STD_NOTE}"]
     for kind, task, columns, rows in sections:
         out += [r"\begin{tabular}{l" + "c" * len(columns) + "l}", r"\toprule",
@@ -381,16 +454,20 @@ def render_latex(sections, incomplete):
                 " & ".join(["Backbone"] + [_tex(c) for c in columns] + ["Source"]) + r" \\", r"\midrule"]
         out += [" & ".join([_tex(label)] + [format_cell(cells.get(c), r"$\pm$", "--") for c in columns]
                            + [_tex(source)]) + r" \\" for label, source, cells in rows]
-        out += [r"\bottomrule", r"\end{tabular}", ""]
+        note = _note_line(notes, kind, task)
+        out += [r"\bottomrule", r"\end{tabular}"] + ([f"% {note}"] if note else []) + [""]
     out.append("% Incomplete runs:" if incomplete else "% Incomplete runs: none")
     out += [f"% {path} — {reason}" for path, reason in incomplete]
     return "\n".join(out) + "\n"
 
 
-def render_csv(sections, incomplete):
+def render_csv(sections, incomplete, notes=None):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "task", "backbone", "source", "metric", "mean", "std", "n", "note"])
+    for (kind, task), entries in sorted((notes or {}).items()):  # the resolved switches
+        for backbone, label in entries:
+            w.writerow([kind, task, backbone, "config", "method", "", "", "", label])
     for kind, task, columns, rows in sections:
         for label, source, cells in rows:
             for c in columns:
@@ -450,7 +527,7 @@ def main(argv=None):
         print(f"results_table: no pretraining or detection runs found under {' '.join(args.run_dirs)}; "
               f"see docs/formats.md for the files a run writes", file=sys.stderr)
         return 2
-    text = RENDERERS[args.format](sections, incomplete)
+    text = RENDERERS[args.format](sections, incomplete, method_notes(runs))
     if args.out:
         try:
             write_atomic(args.out, text)
