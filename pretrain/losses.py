@@ -87,8 +87,12 @@ def label_quality(y_bar, query_cls, key_cls):
     y* = uniform over same-class keys of B̄ (the true label of Theorem 1).
     *_same_class_mass counts the query's own positive (column i), so one-hot scores 1;
     *_other_same_class_mass leaves it out: what SLR adds (one-hot: 0, so not logged).
+    slr_moved_mass = 1 − ȳ_ii, the mass SLR moves off the own positive; the share of it on the
+    right class, slr_other_same_class_mass / slr_moved_mass, is to be read against
+    other_same_class_key_share, the fraction of the other keys that have the query's class
+    (what features blind to the class would give).
     Returns dict of 0-d tensors: {slr,onehot}_same_class_mass, slr_other_same_class_mass,
-    {slr,onehot}_label_error.
+    slr_moved_mass, other_same_class_key_share, {slr,onehot}_label_error.
     """
     s, n = y_bar.shape
     same = (key_cls[None, :] == query_cls[:, None]) & (key_cls[None, :] >= 0)
@@ -99,6 +103,8 @@ def label_quality(y_bar, query_cls, key_cls):
         "slr_same_class_mass": (y_bar * same).sum(dim=1).mean(),
         "onehot_same_class_mass": (y * same).sum(dim=1).mean(),
         "slr_other_same_class_mass": (y_bar * same * (1 - y)).sum(dim=1).mean(),
+        "slr_moved_mass": (y_bar * (1 - y)).sum(dim=1).mean(),
+        "other_same_class_key_share": (same * (1 - y)).sum(dim=1).mean() / max(n - 1, 1),
         "slr_label_error": (y_bar - y_star).abs().sum(dim=1).mean(),
         "onehot_label_error": (y - y_star).abs().sum(dim=1).mean(),
     }

@@ -56,13 +56,14 @@ def pretrain_stage(config, output_dir, data_root=None, epochs=None, opts=(), nam
 
 
 def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=None, data_format=None,
-                opts=(), after=(), python=sys.executable):
+                opts=(), after=(), python=sys.executable, seed=0):
     """`python -m pretrain.linear`: the linear probe of `preset` and the kNN top-1 of the same frozen
     features, on the backbone in `checkpoint`, or with random_init=(arch, stem) on an untrained
-    one (seed 0). `opts` are its trailing flags (e.g. --epochs 5). No resume: a rerun starts over."""
+    one (initialised with `seed`). `opts` are its trailing flags (e.g. --epochs 5). No resume: a
+    rerun starts over."""
     if random_init is not None:
         arch, stem = random_init
-        source = ("--random-init", "--arch", arch, "--stem", stem, "--seed", "0")
+        source = ("--random-init", "--arch", arch, "--stem", stem, "--seed", str(seed))
     else:
         source = ("--checkpoint", str(checkpoint))
     fmt = ("--data-format", data_format) if data_format and preset != "voc07" else ()
@@ -133,13 +134,21 @@ def resolve_backbone(config, opts, data_root):
 
 def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
-                 python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None):
+                 python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None,
+                 pretrain_seeds=None):
     """Every stage of the suite under `out`, in an order that runs each after its inputs:
     out/pretrain/<b>/, out/pretrain/<b>/linear_<preset>/ (the probes), out/weights/<b>.pkl,
     out/transfer/<b>/<task>/seed<k>/, out/results.md, for each backbone <b> of `backbones`
     ({name: (pretraining config, overrides)}). With `random_init`, the same fine-tunes from no
     weights as backbone `random_init`, and its probes in out/pretrain/random_init/linear_<preset>/
     (the pretrained backbones' arch and stem, seed 0).
+
+    pretrain_seeds: pretrain each backbone once per seed k (override seed=k) instead of once, into
+    out/pretrain/<b>/seed<k>/ (probes in its linear_<preset>/, weights out/weights/<b>/seed<k>.pkl),
+    and fine-tune each of those once, with SEED k, into out/transfer/<b>/<task>/seed<k>/: the
+    table's n is then the number of pretraining seeds, and backbone seed k is paired with random
+    init's seed k (probes in out/pretrain/random_init/seed<k>/, fine-tune SEED k). `seeds`,
+    `first_seed` and `coco_seeds` are not used then.
 
     probe_presets: pretrain.linear presets to run on each backbone (imagenet and cifar read
     `data_root` in its config's data.format; voc07 reads `probe_voc_root`, the folder holding
@@ -156,26 +165,37 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
         raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
                             "default $DETECTRON2_DATASETS): set it")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
-    runs = [(c, seeds) for c in voc_configs] + [(c, coco_seeds) for c in coco_configs]
-    stages, probes, sources = [], [], []  # sources: (backbone, weights, the stage that writes them)
+    # units: (backbone, pretraining seed or None); a unit's tag names its folders and stages
+    seeded = pretrain_seeds is not None
+    units = [(b, k) for b in backbones for k in (pretrain_seeds if seeded else [None])]
+    tag = lambda b, k: b if k is None else f"{b}/seed{k}"  # noqa: E731
+    if seeded:
+        runs = [(c, None) for c in (*voc_configs, *coco_configs)]
+    else:
+        runs = [(c, range(first_seed, first_seed + seeds)) for c in voc_configs]
+        runs += [(c, range(first_seed, first_seed + coco_seeds)) for c in coco_configs]
+    stages, probes, sources = [], [], []  # sources: (backbone, seed, weights, the stage writing them)
     resolved = {name: resolve_backbone(abspath(config), opts, abspath(data_root))
                 for name, (config, opts) in backbones.items()}
 
-    def probe_stages(name, fmt, **source):
-        return [probe_stage(name, abspath(probe_voc_root) if preset == "voc07" else abspath(data_root), preset,
-                            out / "pretrain" / name / f"linear_{preset}", data_format=fmt, opts=probe_opts,
+    def probe_stages(unit, fmt, **source):
+        return [probe_stage(unit, abspath(probe_voc_root) if preset == "voc07" else abspath(data_root), preset,
+                            out / "pretrain" / unit / f"linear_{preset}", data_format=fmt, opts=probe_opts,
                             python=python, **source) for preset in probe_presets]
 
-    for name, (config, opts) in backbones.items():
-        pre_dir, weights = out / "pretrain" / name, out / "weights" / f"{name}.pkl"
-        stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, name, python))
-        probes += probe_stages(name, resolved[name][2], checkpoint=pre_dir / "checkpoint.pth",
-                               after=(f"pretrain/{name}",))
+    for name, k in units:
+        config, opts = backbones[name]
+        unit = tag(name, k)
+        pre_dir, weights = out / "pretrain" / unit, out / "weights" / f"{unit}.pkl"
+        opts = (*opts, f"seed={k}") if seeded else opts
+        stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, unit, python))
+        probes += probe_stages(unit, resolved[name][2], checkpoint=pre_dir / "checkpoint.pth",
+                               after=(f"pretrain/{unit}",))
         if resolved[name][1] == "imagenet":
-            stages.append(convert_stage(name, pre_dir, weights, python))
-            sources.append((name, weights, (f"convert/{name}",)))
+            stages.append(convert_stage(unit, pre_dir, weights, python))
+            sources.append((name, k, weights, (f"convert/{unit}",)))
     if random_init:
-        sources.append((RANDOM_INIT, "", ()))
+        sources += [(RANDOM_INIT, k, "", ()) for k in (pretrain_seeds if seeded else [None])]
         if probe_presets:
             shapes = set(resolved.values())
             if len(shapes) != 1:
@@ -185,12 +205,13 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                        f"they differ ({', '.join(f'{b}: {a}/{s}/{f}' for b, (a, s, f) in resolved.items())})")
                     + ": run one pipeline per kind of backbone")
             arch, stem, fmt = shapes.pop()
-            probes += probe_stages(RANDOM_INIT, fmt, random_init=(arch, stem))
+            for k in (pretrain_seeds if seeded else [None]):
+                probes += probe_stages(tag(RANDOM_INIT, k), fmt, random_init=(arch, stem), seed=k or 0)
     transfers = [transfer_stage(abspath(det_config), weights, name,
                                 out / "transfer" / name / Path(det_config).stem / f"seed{seed}", seed,
                                 num_gpus, transfer_opts, after, python)
-                 for name, weights, after in sources
-                 for det_config, n_seeds in runs for seed in range(first_seed, first_seed + n_seeds)]
+                 for name, k, weights, after in sources
+                 for det_config, fine_tune_seeds in runs for seed in (fine_tune_seeds or [k])]
     reads = [s.name for s in probes + transfers]
     parts = ("pretrain", "transfer") if transfers else ("pretrain",)  # (no transfer/ folder to read)
     return stages + probes + transfers + [results_stage(out, reads, python, parts)]

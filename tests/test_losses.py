@@ -133,6 +133,20 @@ def test_label_quality_other_mass_skips_positive_and_unknown_keys():
     assert onehot["slr_label_error"].item() == pytest.approx(onehot["onehot_label_error"].item())
 
 
+def test_label_quality_moved_mass_and_chance_share():
+    # same keys as above: ȳ moves .6 (row 0) and .5 (row 1) off the own positive
+    y_bar = torch.tensor([[0.4, 0.1, 0.2, 0.3, 0.0], [0.0, 0.5, 0.1, 0.25, 0.15]])
+    out = L.label_quality(y_bar, torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
+    assert out["slr_moved_mass"].item() == pytest.approx((0.6 + 0.5) / 2)
+    # of the 4 other keys, row 0 has 1 of class 0 (key 2), row 1 has 1 of class 1 (key 4)
+    assert out["other_same_class_key_share"].item() == pytest.approx((1 / 4 + 1 / 4) / 2)
+    # a label spread uniformly over the other keys lands on the class at exactly that share
+    uniform = torch.tensor([[0.0, 0.25, 0.25, 0.25, 0.25], [0.25, 0.0, 0.25, 0.25, 0.25]])
+    u = L.label_quality(uniform, torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
+    share = u["slr_other_same_class_mass"] / u["slr_moved_mass"]
+    assert share.item() == pytest.approx(u["other_same_class_key_share"].item())
+
+
 def test_instance_top1_counts_rows_whose_positive_logit_is_largest():
     logits = torch.tensor([[3.0, 1.0, 2.0],    # positive (column 0) largest
                            [1.0, 2.0, 0.0],    # positive (column 1) largest

@@ -389,3 +389,51 @@ def test_probes_run_in_the_sequential_pipeline_and_fill_the_table(corpus, tmp_pa
     assert rows["demo"][0] == f"{probe['knn_top1']:.1f} (n=1)"   # the probe's kNN, not the monitor's
     assert "random_init = untrained resnet18 (imagenet stem)" in table
     assert "demo = sane: SLR p+q, MM, in-batch negatives" in table
+
+
+def test_pretraining_seeds_layout_pairs_each_fine_tune_with_its_backbone_seed(tmp_path, image_root):
+    """pretrain_seeds: one pretraining per (backbone, seed) in pretrain/<b>/seed<k>/, its weights,
+    probe and one fine-tune with SEED k; random init's probe and fine-tune of seed k beside them."""
+    out = tmp_path / "out"
+    det = "configs/detection/demo_shapes_voc_R_18_C4.yaml"
+    stages = pipeline.build_stages({"demo": ("configs/pretrain/demo.yaml", ("method=mocov2",))}, image_root, out,
+                                   voc_configs=[det], seeds=5, first_seed=7, random_init=True,
+                                   probe_presets=("cifar",), pretrain_seeds=[0, 1])
+    by_name = {s.name: s for s in stages}
+    assert set(by_name) == {"pretrain/demo/seed0", "pretrain/demo/seed1", "convert/demo/seed0", "convert/demo/seed1",
+                            "probe/demo/seed0/cifar", "probe/demo/seed1/cifar", "probe/random_init/seed0/cifar",
+                            "probe/random_init/seed1/cifar", "transfer/demo/demo_shapes_voc_R_18_C4/seed0",
+                            "transfer/demo/demo_shapes_voc_R_18_C4/seed1",
+                            "transfer/random_init/demo_shapes_voc_R_18_C4/seed0",
+                            "transfer/random_init/demo_shapes_voc_R_18_C4/seed1", "results"}
+    pre = by_name["pretrain/demo/seed1"]
+    assert pre.done_file == str(out / "pretrain/demo/seed1/done.json")
+    assert pre.opts[-2:] == ("method=mocov2", "seed=1") and f"output_dir={out}/pretrain/demo/seed1" in pre.opts
+    assert by_name["convert/demo/seed1"].done_file == str(out / "weights/demo/seed1.pkl")
+    fine_tune = by_name["transfer/demo/demo_shapes_voc_R_18_C4/seed1"]
+    assert fine_tune.after == ("convert/demo/seed1",)
+    opts = dict(zip(fine_tune.opts[::2], fine_tune.opts[1::2]))
+    assert opts["MODEL.WEIGHTS"] == str(out / "weights/demo/seed1.pkl") and opts["SEED"] == "1"
+    rand = by_name["probe/random_init/seed1/cifar"]
+    assert rand.argv[rand.argv.index("--seed") + 1] == "1"
+    assert rand.done_file == str(out / "pretrain/random_init/seed1/linear_cifar/linear_metrics.json")
+
+
+@pytest.mark.slow
+def test_pretraining_seeds_give_rows_over_seeds_for_backbones_and_random_init(corpus, tmp_path):
+    out = tmp_path / "pipe"
+    opts = (*TINY_PRETRAIN, "epochs=1", "model.arch=resnet18")
+    stages = pipeline.build_stages({"demo": ("configs/pretrain/demo.yaml", opts)}, corpus / "imagefolder", out,
+                                   random_init=True, probe_presets=("cifar",), pretrain_seeds=[0, 1],
+                                   probe_opts=("--epochs", "2", "--batch-size", "16", "--image-size", "32",
+                                               "--num-workers", "0", "--device", "cpu"))
+    pipeline.run_sequential(stages, log=lambda m: None, env={"OMP_NUM_THREADS": "1"})
+    table = (out / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in table.splitlines() if line.startswith("| demo") or line.startswith("| random_init")}
+    assert set(rows) == {"demo", "random_init"}, table
+    for name, cells in rows.items():   # kNN, linear top-1: mean ± std over the two seeds
+        assert all(re.fullmatch(r"\d+\.\d ± \d+\.\d \(n=2\)", c) for c in cells), (name, cells)
+    knn = [json.loads((out / f"pretrain/random_init/seed{k}/linear_cifar/linear_metrics.json").read_text())["knn_top1"]
+           for k in (0, 1)]
+    assert rows["random_init"][0].startswith(f"{sum(knn) / 2:.1f} ±")

@@ -240,14 +240,17 @@ def read_detection_run(d):
 
 def random_init_run(lin_dir, lm, pretrain_runs, random_runs):
     """The row of an untrained backbone (`pretrain.linear --random-init`): one Run per folder
-    holding linear_<preset>/ (its name is the row's), in the section of the pretraining runs
-    beside it (the same pipeline), else of the data it probed."""
+    holding linear_<preset>/ (its name is the row's; a seed<k> folder is seed k of its parent's
+    row), in the section of the pretraining runs beside it (the same pipeline), else of the data
+    it probed."""
     owner = lin_dir.parent
     if owner not in random_runs:
-        siblings = sorted(r.task for r in pretrain_runs if r.path.parent.resolve() == owner.parent.resolve())
+        seeded = SEED_DIR.match(owner.name)
+        row, home = (owner.parent.name, owner.parent.parent) if seeded else (owner.name, owner.parent)
+        siblings = sorted(r.task for r in pretrain_runs if home.resolve() in r.path.resolve().parents)
         data = {"root": lm.get("data"), "format": lm.get("data_format")} if lm.get("preset") != "voc07" else {}
         task = max(set(siblings), key=siblings.count) if siblings else pretrain_task({"data": data})
-        random_runs[owner] = Run(owner, "pretrain", owner.name, task, lm.get("seed"),
+        random_runs[owner] = Run(owner, "pretrain", row, task, lm.get("seed"),
                                  method=f"untrained {lm.get('arch', '?')} ({lm.get('stem', 'imagenet')} stem)")
     return random_runs[owner]
 
