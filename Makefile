@@ -2,12 +2,16 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-gpu bench clean
 setup:
 	@bash tools/setup_venv.sh
 
 demo: setup
 	$(PY) tools/demo.py --out demo_output
+
+# the ablation grid on the objects corpus (docs/bench.md); not part of CI: ~40 min on 2 cores
+bench: setup
+	$(PY) tools/bench.py --out bench_output
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -16,4 +20,4 @@ test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output bench_output .pytest_cache

@@ -19,7 +19,7 @@ from pretrain.model import build_model
 
 STAT_KEYS = ("loss", "loss_vanilla", "loss_mm", "inst_top1")
 QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_other_same_class_mass",
-                "slr_moved_mass", "other_same_class_key_share",
+                "slr_moved_mass", "slr_on_class_share", "other_same_class_key_share",
                 "slr_label_error", "onehot_label_error")
 
 

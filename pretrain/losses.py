@@ -87,23 +87,25 @@ def label_quality(y_bar, query_cls, key_cls):
     y* = uniform over same-class keys of B̄ (the true label of Theorem 1).
     *_same_class_mass counts the query's own positive (column i), so one-hot scores 1;
     *_other_same_class_mass leaves it out: what SLR adds (one-hot: 0, so not logged).
-    slr_moved_mass = 1 − ȳ_ii, the mass SLR moves off the own positive; the share of it on the
-    right class, slr_other_same_class_mass / slr_moved_mass, is to be read against
-    other_same_class_key_share, the fraction of the other keys that have the query's class
-    (what features blind to the class would give).
+    slr_moved_mass = 1 − ȳ_ii, the mass SLR moves off the own positive; slr_on_class_share, the
+    share of it that lands on the right class (Σ_i other-same-class mass / Σ_i moved mass), is to
+    be read against other_same_class_key_share, the fraction of the other keys that have the
+    query's class (what features blind to the class would give).
     Returns dict of 0-d tensors: {slr,onehot}_same_class_mass, slr_other_same_class_mass,
-    slr_moved_mass, other_same_class_key_share, {slr,onehot}_label_error.
+    slr_moved_mass, slr_on_class_share, other_same_class_key_share, {slr,onehot}_label_error.
     """
     s, n = y_bar.shape
     same = (key_cls[None, :] == query_cls[:, None]) & (key_cls[None, :] >= 0)
     same = same.to(y_bar.dtype)
     y_star = same / same.sum(dim=1, keepdim=True).clamp(min=1)
     y = one_hot_labels(s, n, y_bar.device)
+    moved, on_class = (y_bar * (1 - y)).sum(dim=1), (y_bar * same * (1 - y)).sum(dim=1)
     return {
         "slr_same_class_mass": (y_bar * same).sum(dim=1).mean(),
         "onehot_same_class_mass": (y * same).sum(dim=1).mean(),
-        "slr_other_same_class_mass": (y_bar * same * (1 - y)).sum(dim=1).mean(),
-        "slr_moved_mass": (y_bar * (1 - y)).sum(dim=1).mean(),
+        "slr_other_same_class_mass": on_class.mean(),
+        "slr_moved_mass": moved.mean(),
+        "slr_on_class_share": on_class.sum() / moved.sum().clamp(min=1e-12),
         "other_same_class_key_share": (same * (1 - y)).sum(dim=1).mean() / max(n - 1, 1),
         "slr_label_error": (y_bar - y_star).abs().sum(dim=1).mean(),
         "onehot_label_error": (y - y_star).abs().sum(dim=1).mean(),

@@ -26,16 +26,16 @@ def test_demo_plan_covers_every_backbone_and_seed(tmp_path):
             assert names.index(f"convert/{backbone}") < names.index(s.name)
 
 
-def test_mocov2_backbone_switches_off_both_sane_modules(tmp_path):
+def test_demo_backbones_are_one_config_two_methods_probed_beside_random_init(tmp_path):
     stages = {s.name: s for s in build_demo_stages(tmp_path, tmp_path / "shapes", seeds=1)}
     mocov2, sane = stages["pretrain/demo_mocov2"], stages["pretrain/demo_sane"]
     assert mocov2.argv == sane.argv and str(PRETRAIN_CONFIG) in sane.argv  # one config, two runs
-    opts = dict(o.split("=", 1) for o in mocov2.opts if not o.startswith(("output_dir=", "data.root=")))
-    assert opts == {"method": "mocov2", "slr.enabled": "false", "mm.enabled": "false",
-                    "model.in_batch_negatives": "false"}
-    # configs/pretrain/demo.yaml is SANE itself
-    assert [o.split("=")[0] for o in sane.opts] == ["output_dir", "data.root"]
+    opts = lambda s: [o for o in s.opts if not o.startswith(("output_dir=", "data.root="))]  # noqa: E731
+    assert opts(mocov2) == ["method=mocov2"] and opts(sane) == ["method=sane"]
     assert sane.opts[1] == f"data.root={tmp_path / 'shapes' / 'imagefolder'}"
+    # kNN and linear probe rows for both backbones and for the untrained network
+    assert {n for n in stages if n.startswith("probe/")} == {"probe/demo_mocov2/cifar", "probe/demo_sane/cifar",
+                                                              f"probe/{RANDOM_INIT}/cifar"}
 
 
 def test_complete_stages_are_skipped_on_a_second_run(tmp_path):

@@ -143,8 +143,8 @@ def test_label_quality_moved_mass_and_chance_share():
     # a label spread uniformly over the other keys lands on the class at exactly that share
     uniform = torch.tensor([[0.0, 0.25, 0.25, 0.25, 0.25], [0.25, 0.0, 0.25, 0.25, 0.25]])
     u = L.label_quality(uniform, torch.tensor([0, 1]), torch.tensor([0, 1, 0, -1, 1]))
-    share = u["slr_other_same_class_mass"] / u["slr_moved_mass"]
-    assert share.item() == pytest.approx(u["other_same_class_key_share"].item())
+    assert u["slr_on_class_share"].item() == pytest.approx(u["other_same_class_key_share"].item())
+    assert out["slr_on_class_share"].item() == pytest.approx((0.2 + 0.15) / (0.6 + 0.5))
 
 
 def test_instance_top1_counts_rows_whose_positive_logit_is_largest():

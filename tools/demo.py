@@ -1,8 +1,11 @@
 """`make demo`: the whole suite on a generated corpus, on CPU, in minutes: corpus -> MoCo v2 and
-SANE pretraining -> conversion -> detection fine-tunes (and random init) over seeds -> table, plots.
+SANE pretraining -> probes (kNN, linear) -> conversion -> detection fine-tunes (and random init)
+over seeds -> table, plots.
 
-The stages are those of `slurm/pipeline.py` (the same commands the Slurm pipeline runs), run in
-order here; a stage whose output is complete is skipped, so a second `make demo` reuses them.
+The corpus and recipe are the bench's (tools/bench.py, docs/bench.md: the `objects` preset, where
+a few CPU minutes of pretraining lift kNN above random init); the stages are those of
+`slurm/pipeline.py` (the same commands the Slurm pipeline runs), run in order here; a stage whose
+output is complete is skipped, so a second `make demo` reuses them.
 """
 import argparse
 import sys
@@ -14,31 +17,27 @@ sys.path.insert(0, str(REPO))
 
 from slurm.pipeline import PipelineError, build_stages, pending, run_sequential  # noqa: E402
 from tools import plot_results, results_table  # noqa: E402
+from tools.bench import DETECTION_CONFIG, PRETRAIN_CONFIG, PROBE_OPTS  # noqa: E402
 from tools.make_synthetic_data import CorpusError, make_corpus  # noqa: E402
 
-PRETRAIN_CONFIG = REPO / "configs/pretrain/demo.yaml"
-DETECTION_CONFIG = REPO / "configs/detection/demo_shapes_voc_R_18_C4.yaml"
-# The demo config is SANE (SLR + MM); MoCo v2 is the same trainer with both modules off and
-# the positive scored against the queue only (method.md, "Variants").
-BACKBONES = {
-    "demo_mocov2": (PRETRAIN_CONFIG, ("method=mocov2", "slr.enabled=false", "mm.enabled=false",
-                                      "model.in_batch_negatives=false")),
-    "demo_sane": (PRETRAIN_CONFIG, ()),
-}
+# one config, two methods (pretrain.config.METHODS): MoCo v2 and SANE (SLR + MM)
+BACKBONES = {"demo_mocov2": (PRETRAIN_CONFIG, ("method=mocov2",)),
+             "demo_sane": (PRETRAIN_CONFIG, ("method=sane",))}
 
 
 def build_demo_stages(out, corpus, seeds):
-    """Pretrain + convert each backbone, fine-tune from each and from random init, the table."""
+    """Pretrain, probe and convert each backbone, fine-tune from each and from random init (probed
+    too), the table."""
     return build_stages(BACKBONES, corpus / "imagefolder", out, voc_configs=[DETECTION_CONFIG], seeds=seeds,
-                        random_init=True)
+                        random_init=True, probe_presets=("cifar",), probe_opts=PROBE_OPTS)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_output", help="output directory (default: demo_output)")
     parser.add_argument("--seeds", type=int, default=2, help="fine-tunes per backbone (default: 2)")
-    parser.add_argument("--num-train", type=int, default=400)
-    parser.add_argument("--num-test", type=int, default=100)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-test", type=int, default=400)
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -50,8 +49,8 @@ def main(argv=None):
         print(f"[corpus] complete: {corpus}")
     else:
         try:
-            make_corpus(corpus, seed=0, num_train=args.num_train, num_test=args.num_test, size=128,
-                        overwrite=True)
+            make_corpus(corpus, seed=0, num_train=args.num_train, num_test=args.num_test, size=64,
+                        overwrite=True, preset="objects")
         except CorpusError as e:
             sys.exit(f"demo: error: {e}")
         print(f"[corpus] {args.num_train} train + {args.num_test} test images in {corpus}")

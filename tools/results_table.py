@@ -16,12 +16,16 @@ from pathlib import Path
 import yaml
 
 PRETRAIN_COLUMNS = ("kNN top-1", "linear top-1", "VOC07 cls mAP")
+# SLR's label quality at the end of a run (docs/label_quality.md): the % of the mass SLR moves off
+# the own positive that lands on keys of the right class, and that class's % of the other keys
+# (what class-blind features give); shown only in sections with an SLR run
+SLR_COLUMNS = ("SLR on-class %", "on-class chance %")
 VOC_COLUMNS = ("AP50", "AP", "AP75")
 COCO_COLUMNS = ("AP (bbox)", "AP (segm)")
 REPORTED_FILE = Path(__file__).resolve().with_name("reported_results.csv")
 SEED_DIR = re.compile(r"seed[_-]?(\d+)$")
 # published numbers are for real VOC/COCO/ImageNet/CIFAR: not shown beside the synthetic corpus
-SYNTHETIC = re.compile(r"shapes|synthetic|demo", re.I)
+SYNTHETIC = re.compile(r"shapes|objects|synthetic|demo|bench", re.I)
 LOG_LINE = re.compile(r"\[\d\d/\d\d \d\d:\d\d:\d\d")  # timestamped lines of both loggers
 STD_NOTE = ("Mean ± sample std (ddof=1) over seeds, n = number of seeds; n=1 shows the value "
             "alone. Rows marked 'reported' are published numbers, not runs of this suite.")
@@ -179,6 +183,11 @@ def read_pretrain_run(d):
     top1 = top1 if _finite(top1) else (knn[-1] if knn else None)
     if top1 is not None:
         run.metrics["kNN top-1"] = float(top1)
+    quality = [r for r in run.records if r.get("type") == "label_quality"
+               and _finite(r.get("slr_on_class_share")) and _finite(r.get("other_same_class_key_share"))]
+    if quality:
+        run.metrics.update(zip(SLR_COLUMNS, (100 * quality[-1]["slr_on_class_share"],
+                                             100 * quality[-1]["other_same_class_key_share"])))
     return run
 
 
@@ -198,9 +207,9 @@ def _seed(recorded, from_dir):
     return recorded if isinstance(recorded, int) and recorded >= 0 else from_dir
 
 
-def columns_for(kind, task):
+def columns_for(kind, task, with_slr=True):
     if kind == "pretrain":
-        return PRETRAIN_COLUMNS
+        return PRETRAIN_COLUMNS + (SLR_COLUMNS if with_slr else ())
     return COCO_COLUMNS if "coco" in task.lower() else VOC_COLUMNS
 
 
@@ -383,7 +392,7 @@ def build_sections(runs, reported, mode="match"):
     sections, used = [], set()
     # pretraining sections first, then detection, each by task name
     for (kind, task), groups in sorted(aggregate(runs).items(), key=lambda kv: (kv[0][0] != "pretrain", kv[0])):
-        columns = columns_for(kind, task)
+        columns = columns_for(kind, task, with_slr=any(SLR_COLUMNS[0] in cells for cells in groups.values()))
         rows = [(b, "measured", cells) for b, cells in sorted(groups.items())]
         for keyword, entries in reported.items():
             if mode == "match" and keyword in task.lower() and not SYNTHETIC.search(task) \
@@ -397,7 +406,7 @@ def build_sections(runs, reported, mode="match"):
             if keyword in used:
                 continue
             kind = "detection" if keyword in ("voc", "coco") else "pretrain"
-            columns = columns_for(kind, keyword)
+            columns = columns_for(kind, keyword, with_slr=False)
             rows = [(m, f"reported: {s}", {c: (v, None, None) for c, v in cols.items()})
                     for m, s, cols in entries]
             sections.append((kind, f"{keyword}: reported only", columns, rows))
