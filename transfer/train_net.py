@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,7 +20,8 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model,  # noqa: E402
+                               default_argument_parser, default_setup, launch)
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results  # noqa: E402
 
 from transfer import datasets, roi_heads  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
@@ -28,7 +30,26 @@ logger = logging.getLogger("transfer")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type."""
+    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type, and
+    DDP over CPU processes (several machines of a CPU test cluster)."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ (Detectron2 0.6-0.7) but for one argument: its create_ddp_model
+        # passes device_ids=[local rank], which DistributedDataParallel refuses for a CPU module
+        super(DefaultTrainer, self).__init__()  # TrainerBase (setup() already set up the loggers)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        cpu = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **cpu)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
