@@ -1,15 +1,10 @@
-"""A real Slurm cluster on this machine for the tests (`tests/test_slurm_cluster.py`), also usable by
-hand: `python -m slurm.testcluster up` prints the `SLURM_CONF` to export, `... down DIR` stops it.
-
-Debian's packages (slurmctld, slurmd, slurm-client, slurmdbd, munge, mariadb-server; installed with
-apt-get when missing, as root), each daemon in the foreground under one fresh state directory:
-munged (its own key), MariaDB + slurmdbd (accounting on, so `sacct` answers), slurmctld and two
-slurmd that emulate two nodes of this host (`slurmd -N <name>`: the first named after this host,
-the second `localhost`, both resolving here). Jobs run as root; nothing needs systemd or cgroups
-(proctrack/linuxproc, task/none). Only the processes it started are stopped, by the PIDs it wrote.
-
-Standard library only: it must run before anything else is installed.
-"""
+"""A real Slurm cluster on this machine, for the tests and by hand (`python -m slurm.testcluster up`,
+then `... down DIR`): installs Debian's packages when missing, stops only the daemons it started."""
+# Each daemon runs in the foreground under one fresh state directory: munged (its own key), MariaDB +
+# slurmdbd (accounting on, so `sacct` answers), slurmctld and two slurmd that emulate two nodes of
+# this host (`slurmd -N <name>`: this host's name, then `localhost`). Jobs run as root; nothing needs
+# systemd or cgroups (proctrack/linuxproc, task/none). Standard library only: it runs before
+# anything else is installed.
 import argparse
 import json
 import os
@@ -342,7 +337,7 @@ def _ours(pid, root):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m slurm.testcluster", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m slurm.testcluster", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     u = sub.add_parser("up", help="install if needed, start; prints the SLURM_CONF to export")
     u.add_argument("dir", nargs="?", help="state directory (default: a new one under /tmp)")

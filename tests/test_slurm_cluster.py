@@ -1,13 +1,8 @@
-"""Slurm for real: slurm/submit.py --cluster slurm against a cluster started on this machine
-(slurm/testcluster.py: munged, MariaDB + slurmdbd, slurmctld, two slurmd emulating two nodes), once
-for these tests; nothing mocked or scripted. Pretraining, its requeue (bit-exact resume), a job
-array of fine-tunes, the pipeline's afterok chain, reruns while its jobs are queued (sacct, and
-squeue with accounting off), a failing stage, 2-node pretraining and Detectron2, and a pipeline
-under random kill -9 and a requeue (seeded: SLURM_FAULT_SEED=<n> replays one).
-
-The cluster needs Debian's Slurm packages: installed here when missing (as root, apt-get); the
-tests skip, with the reason, only where that cannot be done.
-"""
+"""slurm/submit.py --cluster slurm against a real Slurm started on this machine (slurm/testcluster.py),
+nothing mocked: jobs, requeues, afterok chains, reruns while queued, failures, two nodes, kill -9 faults."""
+# One cluster for the session: Debian's packages are installed when missing (as root, apt-get); the
+# tests skip, with the reason, only where that cannot be done. Faults are seeded: SLURM_FAULT_SEED=<n>
+# replays a run of the fault test.
 import json
 import os
 import random
@@ -198,20 +193,25 @@ def test_pretrain_job_runs_the_dry_run_script(slurm_cluster, reference_pretrain,
     assert "Caught signal" not in job_log(out, job_id)
 
 
-def test_requeued_pretraining_resumes_to_the_same_weights(slurm_cluster, reference_pretrain, tiny_corpus,
-                                                          tmp_path):
-    """`scontrol requeue` of the running job: it resumes from its checkpoint, bit for bit."""
+def test_preempted_pretraining_resumes_to_the_same_weights(slurm_cluster, reference_pretrain, tiny_corpus,
+                                                           tmp_path):
+    """Slurm's pre-timeout signal (USR2 to the job's tasks, as --signal=USR2@120 sends it) to the
+    running job: Submitit checkpoints and requeues it, it resumes from its checkpoint, bit for bit.
+    (With `scontrol requeue` instead the stage runs on for ~5 s before Slurm kills it, so a tiny
+    run may finish first: the fault test below requeues that way.)"""
     reference, _, _ = reference_pretrain
     out = tmp_path / "run"
     (job_id,) = submitted(submit(tiny_corpus, *pretrain_argv(tiny_corpus, out)).stdout).values()
     wait_until((out / "checkpoint.pth").exists, 90, "the first checkpoint")
-    slurm_cluster.run("scontrol", "requeue", job_id)
+    slurm_cluster.run("scancel", f"--signal={tasks.preemption_signal().name[3:]}", job_id)
     wait_idle(slurm_cluster, 150, "the requeued job")
+    log = job_log(out, job_id)
     records = [r["State"].split()[0] for r in sacct(slurm_cluster, job_id, duplicates=True)]
-    assert records == ["REQUEUED", "COMPLETED"], job_log(out, job_id)
+    assert records == ["REQUEUED", "COMPLETED"], log
+    assert "this job is preempted" in log and "Requeued job" in log and "resume=True" in log
     resumed = [int(i) for i in re.findall(r"resumed from .* at iteration (\d+)", (out / "log.txt").read_text())]
     total = EPOCHS * 16 // 8
-    assert len(resumed) == 1 and 0 < resumed[0] < total  # from its checkpoint, not from scratch
+    assert len(resumed) == 1 and 0 < resumed[0] < total, log  # from its checkpoint, not from scratch
     assert json.loads((out / "done.json").read_text())["iters"] == total
     assert_same_weights(out / "checkpoint.pth", reference / "checkpoint.pth")
 
