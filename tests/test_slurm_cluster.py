@@ -121,11 +121,19 @@ def wait_idle(cluster, timeout, what="the jobs to end"):
 
 
 def sacct(cluster, job_id, *fields, duplicates=False):
-    """[{field: value}] of a job's records (array tasks, each requeue with duplicates=True)."""
-    fields = fields or ("JobID", "State")
-    out = cluster.run("sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", ",".join(fields),
-                      *(["-D"] if duplicates else []))
-    return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+    """[{field: value}] of a job's records (array tasks, each requeue with duplicates=True), once
+    they are final: slurmctld reports to slurmdbd a moment after squeue forgot the job."""
+    fields = ("State",) + tuple(f for f in fields if f != "State") if fields else ("JobID", "State")
+
+    def read(duplicates=False):
+        out = cluster.run("sacct", "-X", "-n", "-P", "-j", str(job_id), "-o", ",".join(fields),
+                          *(["-D"] if duplicates else []))
+        return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+    end = time.time() + 30  # (the last record of each job: an earlier one of a requeue stays REQUEUED)
+    while any(r["State"].split()[0] in registry.ACTIVE for r in read()) and time.time() < end:
+        time.sleep(0.5)
+    return read(duplicates)
 
 
 def final_states(cluster, job_id):

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,8 +19,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import CfgNode as CN  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model,  # noqa: E402
-                               default_argument_parser, default_setup, launch)
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results  # noqa: E402
 
 from transfer import datasets, roi_heads  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
@@ -30,12 +28,28 @@ logger = logging.getLogger("transfer")
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type, and
-    DDP over CPU processes (several machines of a CPU test cluster)."""
+    """DefaultTrainer with the evaluator picked by the dataset's registered evaluator_type."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if kind == "pascal_voc":  # VOC07 11-point AP50 + COCO-style AP/AP75 over IoU 0.5:0.95
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if kind == "coco":
+            tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
+        raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ (Detectron2 0.6-0.7) but for one argument: its create_ddp_model
-        # passes device_ids=[local rank], which DistributedDataParallel refuses for a CPU module
+        """DefaultTrainer.__init__ (Detectron2 0.6-0.7) but for one argument: DDP over CPU processes
+        too (several machines of a CPU cluster), as its create_ddp_model passes device_ids=[local
+        rank], which DistributedDataParallel refuses for a CPU module."""
+        import weakref
+
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model
+
         super(DefaultTrainer, self).__init__()  # TrainerBase (setup() already set up the loggers)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
@@ -50,17 +64,6 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
-        if kind == "pascal_voc":  # VOC07 11-point AP50 + COCO-style AP/AP75 over IoU 0.5:0.95
-            return PascalVOCDetectionEvaluator(dataset_name)
-        if kind == "coco":
-            tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
-        raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
 
 
 def add_transfer_config(cfg):
