@@ -336,7 +336,7 @@ def test_failed_stage_cancels_its_dependants_the_table_lists_it_and_a_fixed_reru
     states = {name: set(final_states(slurm_cluster, jid).values()) for name, jid in ids.items()}
     assert states == {"pretrain/demo": {"FAILED"}, "convert/demo": {"CANCELLED"},
                       "transfer/demo": {"CANCELLED"}, "results": {"COMPLETED"}}
-    assert "non-finite loss" in job_log(out, ids["pretrain/demo"])
+    assert "nan" in job_log(out, ids["pretrain/demo"]).lower()  # the loss, or the checkpoint it refuses
     for name in ("convert/demo", "transfer/demo"):  # never started
         assert sacct(slurm_cluster, ids[name], "Start")[0]["Start"] in ("None", "Unknown")
     assert not (out / "weights").exists() and not (out / "transfer").exists()
