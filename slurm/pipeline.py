@@ -19,6 +19,10 @@ class PipelineError(RuntimeError):
     """A stage failed or finished without writing its done file: the message names both."""
 
 
+class StageKilled(PipelineError):
+    """The stage's process died from a signal (kill -9, the OOM killer): running it again resumes it."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One command of the suite, complete once `done_file` exists (docs/formats.md)."""
@@ -91,12 +95,13 @@ def transfer_stage(config, weights, backbone, output_dir, seed, num_gpus=1, opts
                  resume_args=("--resume",), after=tuple(after))
 
 
-def results_stage(root, after=(), python=sys.executable, parts=("pretrain", "transfer")):
-    """The table over every run under root/<part>: rebuilt whenever a run it reads is (re)run."""
+def results_stage(root, after=(), python=sys.executable):
+    """The table over every run under root: rebuilt whenever a run it reads is (re)run. It reads root
+    itself: root/transfer/ is missing when a failure cancelled every fine-tune, and the table must
+    still list that failure."""
     root = Path(root)
-    return Stage("results", (python, "tools/results_table.py", *(str(root / p) for p in parts),
-                             "--out", str(root / "results.md")), str(root / "results.md"), after=tuple(after),
-                 refresh=True)
+    return Stage("results", (python, "tools/results_table.py", str(root), "--out", str(root / "results.md")),
+                 str(root / "results.md"), after=tuple(after), refresh=True)
 
 
 def pending(stages, settled=Stage.done):
@@ -213,8 +218,7 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                  for name, k, weights, after in sources
                  for det_config, fine_tune_seeds in runs for seed in (fine_tune_seeds or [k])]
     reads = [s.name for s in probes + transfers]
-    parts = ("pretrain", "transfer") if transfers else ("pretrain",)  # (no transfer/ folder to read)
-    return stages + probes + transfers + [results_stage(out, reads, python, parts)]
+    return stages + probes + transfers + [results_stage(out, reads, python)]
 
 
 def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):
@@ -240,6 +244,10 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    if code < 0:  # killed: what it spawned (torchrun's, Detectron2's workers) must not outlive it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise StageKilled(f"[{stage.name}] was killed by signal {signal.Signals(-code).name}: {shlex.join(argv)}")
     if code != 0:
         raise PipelineError(f"[{stage.name}] exited with code {code}; its output is above, and "
                             f"rerunning resumes it: {shlex.join(argv)}")

@@ -233,23 +233,43 @@ def resources(args, kind):
 def make_executor(args, cluster, name, params, dependency=None):
     folder = args.job_dir or default_job_dir(args)
     limits = dict(slurm_max_num_timeout=args.max_requeues, local_max_num_timeout=args.max_requeues)
-    if args.dry_run and cluster == "slurm":  # render where `srun` is missing: nothing is submitted
-        with mock.patch.object(submitit_slurm.SlurmExecutor, "affinity", return_value=2):
-            executor = submitit.AutoExecutor(folder, cluster=cluster, **limits)
-    else:
-        executor = submitit.AutoExecutor(folder, cluster=cluster, **limits)
+    executor = submitit.AutoExecutor(folder, cluster=cluster, **limits)
     if cluster != "slurm":  # one machine: no node count, no Slurm-only option
         params = {k: v for k, v in params.items() if not k.startswith("slurm_") and k != "nodes"}
-    executor.update_parameters(name=name, slurm_dependency=dependency if cluster == "slurm" else None,
-                               **params)
+    executor.update_parameters(name=name, **params, **slurm_dependency(dependency if cluster == "slurm" else None))
     return executor
 
 
-def sbatch_script(executor, array_size=None):
-    """The script Submitit's SlurmExecutor would sbatch (its own renderer)."""
-    ex = executor._executor
-    params = dict(ex.parameters, map_count=array_size) if array_size and array_size > 1 else ex.parameters
-    return submitit_slurm._make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
+def slurm_dependency(dependency):
+    """sbatch's --dependency, and --kill-on-invalid-dep: a job that waits `afterok` for a job that
+    failed is cancelled by Slurm (by default it would stay pending forever), so that the table,
+    which waits `afterany`, runs and lists the failure."""
+    if not dependency:
+        return {}
+    return dict(slurm_dependency=dependency, slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
+
+
+class _SbatchRenderer(submitit_slurm.SlurmExecutor):
+    """A SlurmExecutor that only renders: it also exists where `srun` is missing (a --dry-run off
+    the cluster), which SlurmExecutor's affinity() check refuses."""
+
+    @classmethod
+    def affinity(cls):
+        return 2
+
+
+def sbatch_script(args, name, params, dependency=None, array_size=None):
+    """--dry-run: the script that make_executor()'s executor would sbatch, rendered by Submitit.
+    Submitit has no public call for this, so here alone its internals are used: the parameter
+    translation and the renderer of its SlurmExecutor (what AutoExecutor.submit runs).
+    tests/test_slurm_cluster.py checks the result against the script a real sbatch received."""
+    ex = _SbatchRenderer(args.job_dir or default_job_dir(args), max_num_timeout=args.max_requeues)
+    params = {k: v for k, v in dict(params, name=name, **slurm_dependency(dependency)).items() if v is not None}
+    ex.update_parameters(**ex._convert_parameters({k: v for k, v in params.items() if not k.startswith("slurm_")}),
+                         **{k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
+    if array_size and array_size > 1:
+        ex.parameters["map_count"] = array_size  # as SlurmExecutor submits a job array
+    return ex._make_submission_file_text(ex._submitit_command_str, uid="dry-run")
 
 
 def slurm_plan(todo, queued=()):
@@ -282,7 +302,7 @@ def local_plan(args, todo):
 def describe(args, cluster, executor_args, group, log):
     """--dry-run: the sbatch script (Slurm) or the local job's shape, and the commands."""
     if cluster == "slurm":
-        log(sbatch_script(make_executor(args, cluster, *executor_args), len(group)))
+        log(sbatch_script(args, *executor_args, array_size=len(group)))
     else:
         shape = {k: v for k, v in executor_args[1].items() if v is not None and not k.startswith("slurm_")}
         log(f"# one {cluster} job on this machine: " + ", ".join(f"{k}={v}" for k, v in shape.items()))
@@ -323,7 +343,10 @@ def launch(args, stages, log=print):
     jobs = []
     for name, kind, group, after in plan:
         waits = sorted({job_of[a] for a in after})
-        dep = "afterok:" + ":".join(waits) if waits else None
+        # the table runs whatever became of the runs it reads (it lists the failed ones); every other
+        # stage needs its inputs complete
+        kind_of_wait = "afterany:" if all(s.refresh for s in group) else "afterok:"
+        dep = kind_of_wait + ":".join(waits) if waits else None
         executor_args = (name.replace("/", "_"), local_params or resources(args, kind), dep)
         if args.dry_run:  # (a local executor would already create its folder)
             log(f"# ---- job {name}" + (f" (after {', '.join(waits)})" if waits else ""))

@@ -7,7 +7,9 @@ import zlib
 
 import submitit
 
-from slurm.pipeline import run_sequential
+from slurm.pipeline import StageKilled, run_sequential, run_stage
+
+KILLED_RESTARTS = 3  # per stage and job: a stage killed by a signal more often fails its job
 
 
 def rendezvous_port(job_id):
@@ -36,6 +38,13 @@ def with_torchrun(stage, nproc):
                                             f"--nproc-per-node={nproc}", *rest))
 
 
+def preemption_signal():
+    """The signal on which Submitit checkpoints and requeues a job (--signal in its sbatch script):
+    USR2 unless $SUBMITIT_PREEMPT_SIGNAL names another. Submitit's JobEnvironment.USR_SIG holds its
+    name (a public attribute, read here alone); tests/test_slurm_cluster.py fails if it changes."""
+    return signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+
+
 def visible_gpus():
     return len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()])
 
@@ -59,16 +68,32 @@ class StageJob:
                 stage = with_torchrun(stage, visible_gpus())
             env = {**self.env, **(pretrain_env(job) if stage.kind == "pretrain" else {})}
             flags = transfer_flags(job) if stage.kind == "transfer" else []
-            ran += run_sequential([stage], log, env, lambda s: flags, self.resume,
-                                  check_done=job.global_rank == 0, ignore_signals=self.job_signals())
+            for restart in range(KILLED_RESTARTS + 1):
+                try:
+                    ran += self.run(stage, log, env, flags, self.resume or restart > 0, job.global_rank == 0)
+                    break
+                except StageKilled as e:
+                    # a killed process (OOM killer, kill -9) resumes from its checkpoint; in a job of
+                    # several tasks the others cannot wait for it: the job fails
+                    if job.num_tasks > 1 or restart == KILLED_RESTARTS:
+                        raise
+                    log(f"{e}; restarting it ({restart + 1}/{KILLED_RESTARTS})")
         return ran
+
+    def run(self, stage, log, env, flags, resume, check_done):
+        """The stage, skipped if complete; but a `refresh` stage (the table) was submitted because a
+        run it reads runs again: it runs even though its file exists from an earlier pipeline."""
+        if stage.refresh:
+            run_stage(stage, flags, resume, env, log, check_done, self.job_signals())
+            return [stage.name]
+        return run_sequential([stage], log, env, lambda s: flags, resume, check_done, self.job_signals())
 
     @staticmethod
     def job_signals():
         """Slurm's preemption SIGTERM and Submitit's requeue signal (USR2) reach every process of a
         job step; as in dino's in-process pattern only this task reacts (checkpoint, requeue, then
         it kills the stage); a stage dying first would fail the job instead of requeueing it."""
-        return (signal.SIGTERM, submitit.JobEnvironment._usr_sig())
+        return (signal.SIGTERM, preemption_signal())
 
     def checkpoint(self, *args, **kwargs):
         # pretrain resumes from its output_dir by itself; transfer stages get Detectron2's --resume

@@ -344,7 +344,7 @@ def test_probe_stages_follow_pretraining_and_feed_the_table(capsys, tmp_path, im
                                    probe_presets=("cifar",))
     assert [s.name for s in stages] == ["pretrain/sane_r50_cifar", "probe/sane_r50_cifar/cifar", "results"]
     assert stages[1].argv[stages[1].argv.index("--data-format") + 1] == "cifar10"
-    assert stages[-1].argv[2:] == (str(tmp_path / "c/pretrain"), "--out", str(tmp_path / "c/results.md"))
+    assert stages[-1].argv[2:] == (str(tmp_path / "c"), "--out", str(tmp_path / "c/results.md"))
     with pytest.raises(pipeline.PipelineError, match="voc07 probe reads VOC2007"):
         pipeline.build_stages({}, image_root, tmp_path, probe_presets=("voc07",))
     with pytest.raises(pipeline.PipelineError, match="they differ"):

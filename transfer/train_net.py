@@ -55,6 +55,30 @@ class Trainer(DefaultTrainer):
             return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
         raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
 
+    def __init__(self, cfg):
+        """DefaultTrainer.__init__ (Detectron2 0.6-0.7) but for one argument: DDP over CPU processes
+        too (several machines of a CPU cluster), as its create_ddp_model passes device_ids=[local
+        rank], which DistributedDataParallel refuses for a CPU module."""
+        import weakref
+
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model
+
+        super(DefaultTrainer, self).__init__()  # TrainerBase (setup() already set up the loggers)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        cpu = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **cpu)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
 
 def add_transfer_config(cfg):
     """TRANSFER.BACKBONE_NAME: the name results are filed under (default: the weights' folder)."""
