@@ -31,21 +31,23 @@ MIN_VISIBLE = {"target": 0.7, "other": 0.45}
 @dataclass(frozen=True)
 class Preset:
     """What a corpus looks like: objects per image, the labelled object's area (fraction of the
-    image), and the painting: "textured" (random textured grounds, coloured shaded objects) or
-    "plain" (a fixed grey object on a fixed dark ground)."""
+    image), the painting: "textured" (random textured grounds, coloured shaded objects) or
+    "plain" (a fixed grey object on a fixed dark ground), and whether objects stand upright
+    (no rotation, no aspect change) or are rotated and stretched at random."""
     max_objects: int
     target_area: tuple
     paint: str
+    upright: bool = False
 
 
 # objects: what the image holds is its class alone. One object, large (a 0.4-1 crop keeps most
-# of it); a fixed grey on a fixed dark ground, so no colour, texture or brightness tells two
-# images apart and instance discrimination has to use the shape (with its size, aspect and
-# angle). On `scenes` the background and colours identify an image, which is what short
-# contrastive runs learn instead of the class (docs/bench.md).
+# of it), upright; a fixed grey on a fixed dark ground, so no colour, texture, brightness or
+# angle tells two images apart (crops take away position and size) and instance discrimination
+# has to use the shape. On `scenes` the background and colours identify an image, and rotated
+# shapes their angle: short contrastive runs learn those instead of the class (docs/bench.md).
 PRESETS = {
     "scenes": Preset(MAX_OBJECTS, TARGET_AREA, "textured"),
-    "objects": Preset(1, (0.25, 0.5), "plain"),
+    "objects": Preset(1, (0.25, 0.5), "plain", upright=True),
 }
 PLAIN_GROUND, GREY_FILL = 35.0, 210.0
 
@@ -164,19 +166,23 @@ def _clutter(rng, img, size):
     return np.asarray(canvas, dtype=np.float32)
 
 
-def _sample_object(rng, cls, area_range, size):
+def _sample_object(rng, cls, area_range, size, upright=False):
+    """One placed object; `upright`: at angle 0 and aspect 1 (the same draws are made, so the
+    rest of a corpus does not depend on it)."""
     aspect = float(np.exp(rng.uniform(-0.3, 0.3)))
     radius = np.sqrt(rng.uniform(*area_range) * size * size / UNIT_AREA[CLASSES[cls]])
     margin = 0.6 * radius  # lets objects leave the frame a little (VOC "truncated")
     center = rng.uniform(margin, size - margin, 2)
     angle = rng.uniform(0, 2 * np.pi)
+    if upright:
+        angle, aspect = 0.0, 1.0
     mask = _rasterize(CLASSES[cls], center, radius, angle, aspect, size)
     fills = np.concatenate(_place(CLASSES[cls], center, radius, angle, aspect)[0])
     truncated = bool((fills < 0).any() or (fills > size).any())  # VOC: extends past the frame
     return {"category": cls, "mask": mask, "full": int(mask.sum()), "truncated": truncated}
 
 
-def _compose(rng, target, size, min_pixels, max_objects, target_area):
+def _compose(rng, target, size, min_pixels, max_objects, target_area, upright=False):
     """Stack 1-max_objects objects back to front; refuse any that would hide too much of those
     below."""
     n = int(rng.integers(1, max_objects + 1))
@@ -187,7 +193,7 @@ def _compose(rng, target, size, min_pixels, max_objects, target_area):
         is_target = i == slot
         for _ in range(6):
             cls = target if is_target else int(rng.integers(len(CLASSES)))
-            obj = _sample_object(rng, cls, target_area if is_target else OTHER_AREA, size)
+            obj = _sample_object(rng, cls, target_area if is_target else OTHER_AREA, size, upright)
             if obj["full"] < min_pixels:
                 continue
             trial = labels.copy()
@@ -235,7 +241,8 @@ def make_image(rng, target, size, preset=PRESETS["scenes"]):
     for attempt in range(20):
         # the last attempt is the target alone, which always satisfies the contract
         labels, objects = _compose(rng, target, size, min_pixels,
-                                   1 if attempt == 19 else preset.max_objects, preset.target_area)
+                                   1 if attempt == 19 else preset.max_objects, preset.target_area,
+                                   preset.upright)
         areas = np.bincount(labels.ravel(), minlength=len(objects) + 1)[1:]
         keep = [j for j in range(len(objects)) if areas[j] >= min_pixels]
         if keep and objects[max(keep, key=lambda j: areas[j])]["category"] == target:
