@@ -199,3 +199,26 @@ def test_detectron2_reads_coco_masks(corpus, coco):
         imgIds=dicts[0]["image_id"]))]
     assert inst.gt_masks.tensor.sum((1, 2)).tolist() == areas
     assert (inst.gt_masks.get_bounding_boxes().tensor == inst.gt_boxes.tensor).all()
+
+
+def test_objects_preset_is_one_upright_grey_shape_on_a_plain_ground(tmp_path):
+    """The bench corpus: nothing but the shape's class (and its size and place) varies."""
+    from tools.make_synthetic_data import GREY_FILL, PLAIN_GROUND, PRESETS
+
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        image, instances = make_image(rng, i % len(CLASSES), 64, PRESETS["objects"])
+        assert len(instances) == 1 and instances[0]["category"] == i % len(CLASSES)
+        pixels, mask = np.asarray(image, dtype=float), instances[0]["mask"]
+        assert 0.15 < mask.mean() < 0.55                 # area 0.25-0.5, a little may leave the frame
+        inside, outside = pixels[mask].mean(0), pixels[~mask].mean(0)
+        assert np.allclose(inside, GREY_FILL, atol=8) and np.allclose(outside, PLAIN_GROUND, atol=8)
+    # upright: an axis-aligned square fills its bounding box
+    _, (square,) = make_image(np.random.default_rng(1), CLASSES.index("square"), 64, PRESETS["objects"])
+    ys, xs = np.nonzero(square["mask"])
+    assert square["mask"][ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean() > 0.97
+    out = make_corpus(tmp_path / "o", seed=0, num_train=8, num_test=8, size=64, preset="objects")
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["preset"] == "objects" and meta["preset_values"]["upright"] is True
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_corpus(tmp_path / "x", seed=0, num_train=8, num_test=8, size=64, preset="nope")
