@@ -38,7 +38,8 @@ def _pretrain(d, seed, done, slr=True, knn=(40.0, 60.0)):
     if slr:
         records += [{"type": "label_quality", "epoch": i, "iter": 2 * i + 1,
                      "slr_same_class_mass": 0.9 + 0.05 * i, "onehot_same_class_mass": 1.0,
-                     "slr_other_same_class_mass": 0.05 + 0.1 * i,
+                     "slr_other_same_class_mass": 0.05 + 0.1 * i, "slr_moved_mass": 0.2,
+                     "slr_on_class_share": 0.25 + 0.5 * i, "other_same_class_key_share": 0.125,
                      "slr_label_error": 1.6 - 0.2 * i, "onehot_label_error": 1.8}
                     for i in range(2)]
     _write(d / "metrics.jsonl", records)
@@ -200,10 +201,18 @@ def test_figures_content_and_pngs(root, tmp_path):
     runs, _ = results_table.find_runs([str(root)])
     figures = plot_results.write_figures(runs, tmp_path / "plots")
     curves, bars = figures["pretrain_curves.png"], figures["detection_ap.png"]
-    loss, knn, other_mass, error = curves.axes
+    loss, knn, other_mass, share, error = curves.axes
     assert len(loss.lines) == 2 and len(knn.lines) == 2     # sane + mocov2 (unfinished still drawn)
     # label quality: sane's ȳ (solid) + its one-hot y (dashed, same colour); mocov2 logs none
     assert len(other_mass.lines) == 2 and len(error.lines) == 2
+    # the share of SLR's moved mass on the class, against the class's share of the keys (chance)
+    assert list(share.lines[0].get_ydata()) == pytest.approx([0.25, 0.75])
+    assert list(share.lines[1].get_ydata()) == [0.125, 0.125] and share.lines[1].get_linestyle() == "--"
+    # pretraining bars: the columns that hold a value (the probes and the SLR columns), mean over seeds
+    (metrics_ax,) = figures["pretrain_metrics.png"].axes
+    assert [t.get_text() for t in metrics_ax.get_xticklabels()] == [
+        "kNN top-1", "linear top-1", "VOC07 cls mAP", "SLR on-class %", "on-class chance %"]
+    assert [p.get_height() for p in metrics_ax.patches][-2:] == pytest.approx([75.0, 12.5])
     slr, onehot = other_mass.lines
     assert list(slr.get_ydata()) == pytest.approx([0.05, 0.15]) and list(slr.get_xdata()) == [1, 3]
     assert list(onehot.get_ydata()) == [0.0, 0.0] and onehot.get_linestyle() == "--"
@@ -218,11 +227,11 @@ def test_figures_content_and_pngs(root, tmp_path):
     segs = sane_bars.errorbar.lines[2][0].get_segments()   # vertical error bars: mean ± std
     assert math.isclose(segs[0][1][1] - segs[0][0][1], 4.0)
     assert sane_bars.patches[0].get_facecolor()[:3] == matplotlib.colors.to_rgb(knn.lines[1].get_color())
-    assert _png_size(tmp_path / "plots" / "pretrain_curves.png") == (1600, 400)
+    assert _png_size(tmp_path / "plots" / "pretrain_curves.png") == (2000, 400)
     assert _png_size(tmp_path / "plots" / "detection_ap.png") == (1000, 400)
     pretrain_only = str(root / "pretrain" / "sane")           # the CLI path, on one cheap figure
     assert plot_results.main([pretrain_only, "--out", str(tmp_path / "cli")]) == 0
-    assert [p.name for p in (tmp_path / "cli").iterdir()] == ["pretrain_curves.png"]
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["pretrain_curves.png", "pretrain_metrics.png"]
     (tmp_path / "empty").mkdir()
     assert plot_results.main([str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()

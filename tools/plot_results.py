@@ -21,8 +21,13 @@ from tools.results_table import aggregate, columns_for, find_runs, not_a_directo
 CURVES = (("train loss", "train", "loss", None),
           ("kNN top-1 (%)", "knn", "knn_top1", None),
           ("label mass on other same-class keys", "label_quality", "slr_other_same_class_mass", 0.0),
+          ("share of SLR's moved mass on the class", "label_quality", "slr_on_class_share",
+           "other_same_class_key_share"),
           (r"label error $\|y - y^*\|_1$", "label_quality", "slr_label_error",
            "onehot_label_error"))
+# the dashed reference line of each label-quality panel
+REFERENCE_LABEL = {"slr_other_same_class_mass": "one-hot $y$", "slr_label_error": "one-hot $y$",
+                   "slr_on_class_share": "chance (class share of keys)"}
 
 
 def mean_curve(runs, rtype, key):
@@ -66,7 +71,7 @@ def plot_pretrain_curves(runs):
             elif ref is not None:
                 ys = [ref] * len(xs)
             if ref is not None and xs:
-                ax.plot(xs, ys, color=color, linestyle="--", label=f"{backbone} one-hot $y$")
+                ax.plot(xs, ys, color=color, linestyle="--", label=f"{backbone} {REFERENCE_LABEL[key]}")
     for ax, (title, *_) in zip(axes, CURVES):
         ax.set_title(title)
         ax.set_xlabel("iteration")
@@ -76,16 +81,17 @@ def plot_pretrain_curves(runs):
     return fig
 
 
-def plot_detection_ap(runs):
-    """One subplot per detection task: groups of bars per metric, one bar per backbone,
-    error bars = sample std over seeds (none for n=1). Returns the Figure."""
-    table = {task: groups for (kind, task), groups in sorted(aggregate(runs).items())
-             if kind == "detection"}
+def plot_bars(runs, kind):
+    """One subplot per task of `kind` ("pretrain": kNN / linear / SLR columns; "detection": AP):
+    groups of bars per column, one bar per backbone, error bars = sample std over seeds (none
+    for n=1). Returns the Figure."""
+    table = {task: groups for (k, task), groups in sorted(aggregate(runs).items()) if k == kind}
     fig = Figure(figsize=(5 * max(1, len(table)), 4), dpi=100)
     axes = fig.subplots(1, max(1, len(table)), squeeze=False)[0]
     colors = backbone_colors(runs)
     for ax, (task, groups) in zip(axes, table.items()):
-        columns, backbones = columns_for("detection", task), sorted(groups)
+        backbones = sorted(groups)
+        columns = [c for c in columns_for(kind, task) if any(c in groups[b] for b in backbones)]
         width = 0.8 / len(backbones)
         for j, backbone in enumerate(backbones):
             cells = [groups[backbone].get(c) for c in columns]
@@ -95,9 +101,9 @@ def plot_detection_ap(runs):
             ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors[backbone],
                    label=f"{backbone} (n={max((c[2] for c in cells if c), default=0)})")
         ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels(columns)
+        ax.set_xticklabels(columns, fontsize="small")
         ax.set_title(task)
-        ax.set_ylabel("AP (%)")
+        ax.set_ylabel("AP (%)" if kind == "detection" else "%")
         ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -115,8 +121,10 @@ def write_figures(runs, out):
     figures = {}
     if any(r.kind == "pretrain" and r.records for r in runs):
         figures["pretrain_curves.png"] = plot_pretrain_curves(runs)
+    if any(r.kind == "pretrain" and r.metrics and not r.problem for r in runs):
+        figures["pretrain_metrics.png"] = plot_bars(runs, "pretrain")
     if any(r.kind == "detection" and not r.problem for r in runs):
-        figures["detection_ap.png"] = plot_detection_ap(runs)
+        figures["detection_ap.png"] = plot_bars(runs, "detection")
     if figures:
         out.mkdir(parents=True, exist_ok=True)
     for name, fig in figures.items():
