@@ -57,6 +57,7 @@ PREVIOUS_CHECKPOINT = "checkpoint.prev.pth"
 SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
 PRETRAIN_DONE = "done.json"
 PROBE_METRICS = "linear_metrics.json"
+PROBE_RANDOM_INIT = RANDOM_INIT      # its key that is true for a probe of an untrained network
 PROBE_CONFIG = "linear_config.json"
 FINE_TUNE_DONE = "final_metrics.json"
 FAILED = "failed.json"               # a fine-tune that raised (removed by the next attempt)
@@ -66,6 +67,7 @@ D2_SNAPSHOT = re.compile(r"^model_(\d+|final)\.pth$")
 RESULTS = "results.md"
 CORPUS_RECORD = "corpus.json"        # the synthetic corpus: generator arguments and class list
 JOBS = "jobs.json"                   # slurm/submit.py: the job of each stage
+CORPUS_IMAGEFOLDER = "imagefolder"   # a corpus's ImageFolder root (pretraining's data.root)
 
 # The file each stage writes last: its output is complete once the file exists (the pipeline skips
 # such a stage, the table reads it). A conversion's is the weights file itself.
@@ -209,7 +211,7 @@ class Corpus:
 
     @property
     def imagefolder(self):
-        return self.root / "imagefolder"
+        return self.root / CORPUS_IMAGEFOLDER
 
     @property
     def voc(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import benchmark
+from pretrain import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--cpu", "--size", "32", "--batch-size", "4", "--iters", "1", "--warmup", "1",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.make_synthetic_data import CLASSES, main, make_corpus, make_image
+from suite.corpus import CLASSES, main, make_corpus, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, SIZE = 48, 24, 64  # the conftest `corpus` fixture
