@@ -10,9 +10,11 @@ REQS=(requirements.txt)
 stamp="$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1) $(sha256sum pyproject.toml | cut -d' ' -f1)"
 
 install_suite() {  # editable, over the pinned stack: --no-deps keeps requirements.txt's versions
-  "$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+  local out  # (setuptools' editable build warns at length: shown only when it fails)
+  out=$("$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1) \
+    || { echo "$out" >&2; echo "setup: 'pip install -e .' failed (output above)" >&2; exit 1; }
   "$VENV/bin/python" -c "import pretrain, transfer, slurm, suite.contract" \
-    || { echo "setup: the suite does not import after 'pip install -e .'; see the pip output above" >&2; exit 1; }
+    || { echo "setup: the suite does not import after 'pip install -e .'" >&2; exit 1; }
 }
 
 if [[ -x $VENV/bin/python && -f $VENV/.stamp ]]; then
