@@ -102,9 +102,9 @@ def results_stage(root, after=(), python=sys.executable):
     """The table over every run under root: rebuilt whenever a run it reads is (re)run. It reads root
     itself: root/transfer/ is missing when a failure cancelled every fine-tune, and the table must
     still list that failure."""
-    root = contract.Layout(root)
-    return Stage("results", (python, "tools/results_table.py", str(root.root), "--out", str(root.results)),
-                 str(contract.done_file("results", root.root)), after=tuple(after), refresh=True)
+    layout = contract.Layout(root)
+    return Stage("results", (python, "tools/results_table.py", str(layout.root), "--out", str(layout.results)),
+                 str(contract.done_file("results", layout.root)), after=tuple(after), refresh=True)
 
 
 def pending(stages, settled=Stage.done):
