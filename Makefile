@@ -1,4 +1,6 @@
-# The two README commands: `make demo` and `make test`. Both set up .venv first.
+# The two README commands: `make demo` and `make test`. Both set up .venv first (the tested stack and
+# the suite installed editable). PYTHONPATH puts this checkout first even where .venv holds another
+# checkout's editable install (worktrees sharing one .venv), for the tests and every stage they start.
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 

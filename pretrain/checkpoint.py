@@ -17,55 +17,23 @@ Policy:
   (Python objects: this suite never writes those) stops the run: it is not "damaged", it is
   someone else's file.
 - A damaged checkpoint.pth is never rotated into checkpoint.prev.pth.
-- Temp files of a write killed midway (`.checkpoint.pth.tmp<pid>`) are removed when a run starts.
+- Temp files of a write killed midway (suite.contract.TEMP) are removed when a run starts.
 """
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
 
 from pretrain.safe_load import WeightsFileError, load_torch
-from pretrain.utils import UserError, atomic_write_text
+from pretrain.utils import UserError
+from suite import contract
 
-LATEST, PREVIOUS = "checkpoint.pth", "checkpoint.prev.pth"
-SNAPSHOT = re.compile(r"^checkpoint_(\d+)\.pth$")
-TEMP = re.compile(r"^\..+\.tmp\d+$")   # atomic_torch_save's and utils.atomic_write_text's
+LATEST, PREVIOUS, SNAPSHOT = contract.CHECKPOINT, contract.PREVIOUS_CHECKPOINT, contract.SNAPSHOT
 REQUIRED = ("model", "optimizer", "iter", "config")
 
 
 class NonFiniteError(UserError):
     """NaN/Inf in the training state: the run stops, the last good checkpoint stays."""
-
-
-def atomic_torch_save(obj, path, keep_previous=None):
-    """torch.save to `.NAME.tmp<pid>` beside `path`, fsync, rename over `path`; on any failure
-    (disk full, Ctrl-C) the temp file is removed. `keep_previous`: rename the current `path` there
-    first (after the new file is complete)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temp(folder):
-    """Delete the temp files of writes killed midway (SIGKILL leaves no chance to clean up)."""
-    removed = []
-    for p in Path(folder).iterdir():
-        if TEMP.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
-    return removed
 
 
 def _tensors(obj, prefix=""):
@@ -94,14 +62,14 @@ def nonfinite(state):
 def candidates(out):
     """Checkpoint files of a run, newest first: latest, previous, then snapshots by epoch."""
     out = Path(out)
-    snaps = sorted((p for p in out.glob("checkpoint_*.pth") if SNAPSHOT.match(p.name)),
-                   key=lambda p: int(SNAPSHOT.match(p.name).group(1)), reverse=True)
+    snaps = sorted((p for p in out.iterdir() if SNAPSHOT.match(p.name)),
+                   key=lambda p: int(SNAPSHOT.match(p.name).group(1)), reverse=True) if out.is_dir() else []
     return [p for p in (out / LATEST, out / PREVIOUS, *snaps) if p.is_file()]
 
 
 def has_run_state(out):
     """Does `out` hold a run (a checkpoint or done.json) that a new start would resume or relabel?"""
-    return bool(candidates(out)) or (Path(out) / "done.json").is_file()
+    return bool(candidates(out)) or contract.done_file("pretrain", out).is_file()
 
 
 def read_checkpoint(path):
@@ -176,10 +144,12 @@ class RunCheckpoints:
                             f"{it} (e.g. {', '.join(bad[:2])})")
 
     def save(self, state, path, it):
-        """Write a checked state to `path` (rank 0); checkpoint.pth keeps its predecessor."""
+        """Write a checked state to `path` (rank 0), atomically and on disk before it replaces the old
+        one; checkpoint.pth keeps its predecessor."""
         path = Path(path)
         latest = path == self.latest
-        atomic_torch_save(state, path, self.out / PREVIOUS if latest and self.latest_good else None)
+        previous = self.out / PREVIOUS if latest and self.latest_good else None
+        contract.write_atomic(path, lambda f: torch.save(state, f), fsync=True, keep_previous=previous)
         if latest:
             self.kept, self.latest_good = (path, it), True
 
@@ -202,5 +172,5 @@ def rewind_metrics(path, it):
         else:
             dropped += 1
     if dropped:
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        contract.write_text(path, "".join(line + "\n" for line in kept))
     return dropped

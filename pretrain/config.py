@@ -49,7 +49,7 @@ DEFAULTS = {
         "queue": 65536,          # b
         "m": 0.999,              # EMA momentum of g_ξ
         "tau": 0.2,              # τ
-        "in_batch_negatives": True,  # B̄ includes in-batch keys; False = MoCo v2 exactly
+        "in_batch_negatives": True,  # B̄ includes in-batch keys; False = MoCo v2's positive vs queue
         "shuffle_bn": True,
         "shuffle_bn_splits": 2,  # world size 1: key BN over this many shuffled sub-batches
         "sync_bn": False,
@@ -92,7 +92,7 @@ def _preset(p, q, mm, in_batch=True):
 
 
 METHODS = {
-    "mocov2": _preset(False, False, False, in_batch=False),  # the reference: positive vs queue
+    "mocov2": _preset(False, False, False, in_batch=False),  # MoCo v2: positive vs queue only
     "mocov2_inbatch": _preset(False, False, False),          # + the other in-batch keys as negatives
     "slr_p": _preset(True, False, False),
     "slr_q": _preset(False, True, False),
@@ -301,9 +301,9 @@ def validate(cfg):
 
 
 def save_config(cfg, path):
-    from pretrain.utils import atomic_write_text
+    from suite import contract
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    contract.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # Values a run cannot use, found with the config rather than at step 1 (or never: epochs=0

@@ -10,12 +10,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import utils
-from pretrain.checkpoint import RunCheckpoints, has_run_state, remove_stale_temp, rewind_metrics
+from pretrain.checkpoint import RunCheckpoints, has_run_state, rewind_metrics
 from pretrain.config import check_resumable, read_config_file, save_config, switches
 from pretrain.data import SkippedImages
 from pretrain.gpu_augment import gpu_batches
 from pretrain.losses import mu_schedule
 from pretrain.model import build_model
+from suite import contract
 
 STAT_KEYS = ("loss", "loss_vanilla", "loss_mm", "inst_top1")
 QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_other_same_class_mass",
@@ -130,13 +131,13 @@ def train(cfg):
     """Run (or resume) the pretraining described by `cfg` in cfg.output_dir."""
     rank, world, device = utils.init_distributed(cfg.device)
     out = Path(cfg.output_dir or "output/pretrain")
-    accepted = []
-    if has_run_state(out) and (out / "config.yaml").is_file():  # another run's directory?
-        accepted = check_resumable(read_config_file(out / "config.yaml"), cfg, out / "config.yaml")
+    accepted, saved_config = [], out / contract.CONFIG
+    if has_run_state(out) and saved_config.is_file():  # another run's directory?
+        accepted = check_resumable(read_config_file(saved_config), cfg, saved_config)
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp(out)
+            contract.remove_stale_temp(out)
         except OSError as e:
             raise utils.UserError(f"output_dir={out} cannot be written ({e.strerror or e}: "
                                   f"{e.filename or out}): pass a writable output_dir=PATH") from None
@@ -178,7 +179,7 @@ def train(cfg):
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 needs no loss scaling
 
     it, last_knn = 0, None
-    ckpt_path = out / "checkpoint.pth"
+    ckpt_path = out / contract.CHECKPOINT
     ckpts = RunCheckpoints(out)
     ckpt = ckpts.resume(log)
     skipped = SkippedImages.from_state(ckpt.get("skipped_images") if ckpt else None)
@@ -194,10 +195,10 @@ def train(cfg):
             raise utils.UserError(f"{ckpts.kept[0]} is at iteration {it}, past epochs={cfg.epochs} "
                                   f"({total_iters} iterations): pass epochs >= {-(-it // ipe)}")
     if rank == 0:  # the config is saved once the run is known to start (or resume) here
-        save_config(cfg, out / "config.yaml")
-        rewind_metrics(out / "metrics.jsonl", it)  # what ran after the checkpoint runs again
+        save_config(cfg, saved_config)
+        rewind_metrics(out / contract.METRICS, it)  # what ran after the checkpoint runs again
         if it < total_iters:  # not complete (any more): done.json would describe another run
-            (out / "done.json").unlink(missing_ok=True)
+            contract.done_file("pretrain", out).unlink(missing_ok=True)
     if cfg.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
@@ -233,7 +234,7 @@ def train(cfg):
             lr = utils.cosine_lr(base_lr, it, total_iters, cfg.optim.warmup_epochs * ipe)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            mu = mu_schedule(it, total_iters, cfg.slr.mu_start, cfg.slr.mu_end)
+            mu = mu_schedule(it, total_iters, cfg.slr.mu_start, cfg.slr.mu_end)  # Eq. (5)
             skipped.add(batch.get("skipped", 0))
             im_q, im_k, mm = (to_device(batch[n], device, cfg) for n in ("q", "k", "mm"))
             labels = labels.to(device, non_blocking=True) if has_labels else None
@@ -270,13 +271,13 @@ def train(cfg):
             last_knn = run_knn(cfg, model, device, rank, world, log, metrics, done_epochs, it)
         checkpoint(ckpt_path)
         if cfg.checkpoint.save_every_epochs and done_epochs % cfg.checkpoint.save_every_epochs == 0:
-            checkpoint(out / f"checkpoint_{done_epochs:04d}.pth")
+            checkpoint(out / contract.snapshot(done_epochs))
     finish(progress, metrics)
     if rank == 0:
-        utils.atomic_write_json(out / "done.json", {
+        contract.write_json(contract.done_file("pretrain", out), {
             "method": cfg.method, "switches": switches(cfg), "arch": cfg.model.arch,
             "stem": cfg.model.stem, "epochs": cfg.epochs, "iters": it, "knn_top1": last_knn,
-            "checkpoint": "checkpoint.pth"})
+            "checkpoint": contract.CHECKPOINT})
         log.info(f"done: {it} iterations, kNN top-1 {last_knn}")
     return out
 
@@ -291,11 +292,6 @@ def to_device(x, device, cfg):
 
 
 def run_knn(cfg, model, device, rank, world, log, metrics, epoch, it):
-    try:
-        import pretrain.knn  # noqa: F401  (lands with the probes; skip the monitor until then)
-    except ImportError:
-        log.warning("pretrain.knn not available: kNN monitor skipped")
-        return None
     top1 = knn_eval(cfg, model, device, rank, world)
     if top1 is not None:
         metrics.log({"type": "knn", "epoch": epoch, "iter": it, "knn_top1": top1})

@@ -1,22 +1,22 @@
 """GPU data path for pretraining: JPEG bytes -> nvJPEG decode -> batched MoCo v2 / RandAugment views.
 Same batch dict and same parameter distributions as the CPU path (pretrain/data.py), per-sample randomness.
 
-Issue 7 follow-up (NaN loss from step 1 and ~190 img/s with data.pipeline=gpu on an H200; found by
-reading and CPU simulation, unverified on a GPU):
-- NaN: torchvision's CUDA decode_jpeg allocates its outputs on the caller's stream, then lets nvJPEG
-  (hardware engine on A100/H100/H200) write them from a private stream that does not wait for the
-  caller's stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The caching allocator hands it
-  blocks just freed by the trainer's step (activations, gradients) whose queued kernels have not
-  read them yet, so the step reads JPEG pixels: NaN or wrong numbers in code that never saw the
-  decoder. Fix: drain the current stream before decoding (`decode_jpegs`); under `gpu_batches`
-  that is the side stream, so the step on the main stream keeps running.
-- Robustness: forward runs in float32 with autocast off whatever the caller's context; crops far
-  larger than their output are area-reduced first (CUDA's antialiased resize refuses factors near
-  ~90: "Too much shared memory required"); non-JPEG files (PNG behind .JPEG) skip the nvJPEG batch.
-- Speed: the engine's `cudnn.benchmark=True` re-tuned the blur's grouped convolution for every new
-  random count of blurred samples (and RandAugment's sharpness conv): forward turns autotuning off.
-  The engine now uses `gpu_batches` (augment n+1 on a side stream during step n), and its loader
-  no longer pins the byte tensors (nvJPEG reads them on the host).
+Why it is built this way (measurements and what is still to check on a GPU: docs/performance.md):
+- Decoding first drains the current stream. torchvision's CUDA decode_jpeg allocates its outputs on
+  the caller's stream, then lets nvJPEG (a hardware engine on A100/H100/H200) write them from a
+  private stream that does not wait for the caller's (pytorch/vision#9606,
+  meta-pytorch/torchcodec#1634): the caching allocator may hand it blocks that the trainer's queued
+  kernels still read, and the step would read JPEG pixels (NaN, or wrong numbers in code that never
+  saw the decoder). Under `gpu_batches` the drained stream is the side stream, so the step on the
+  main stream keeps running.
+- Views are computed in float32 with autocast off whatever the caller's context; a crop far larger
+  than its output is area-reduced first (CUDA's antialiased resize refuses factors near ~90: "Too
+  much shared memory required"); a non-JPEG file (a PNG behind .JPEG) skips the nvJPEG batch.
+- cuDNN autotuning is off inside forward: with the engine's `cudnn.benchmark=True` it would re-tune
+  the blur's grouped convolution (and RandAugment's sharpness conv) for every new random count of
+  blurred samples.
+- The engine augments batch n+1 on a side stream while step n runs (`gpu_batches`), and its loader
+  does not pin the byte tensors (nvJPEG reads them on the host).
 """
 import contextlib
 import math

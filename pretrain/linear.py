@@ -19,9 +19,11 @@ from torchvision import datasets, transforms
 from pretrain.config import DEFAULTS
 from pretrain.data import CIFAR, MEAN, STD, cifar_dataset, eval_transform
 from pretrain.knn import extract_features, knn_top1
-from pretrain.model import STEMS, build_backbone, load_backbone_state
-from pretrain.safe_load import WeightsFileError, load_torch
-from pretrain.utils import MetricLogger, UserError, atomic_write_json, cosine_lr, seed_all
+from pretrain.model import STEMS, build_backbone
+from pretrain.safe_load import WeightsFileError
+from pretrain.utils import MetricLogger, UserError, cosine_lr, seed_all
+from pretrain.weights import BackboneError, backbone_stem, read_backbone
+from suite import contract
 
 # The paper's protocols (method.md). Features are extracted once with the test transform and
 # cached, except for `augment` presets, whose train features are re-extracted every epoch from
@@ -36,6 +38,7 @@ PRESETS = {
     "voc07": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, epochs=100,
                   batch_size=256, image_size=224, augment=False, normalize=True),
 }
+assert tuple(PRESETS) == contract.PROBE_PRESETS  # the pipeline's probe stages name these
 
 
 # ---------------------------------------------------------------- checkpoints and backbone
@@ -48,30 +51,20 @@ def read_backbone_state(path):
 
 
 def read_checkpoint(path):
-    """read_backbone_state's (state, arch) and the checkpoint's saved config (dict or None)."""
+    """read_backbone_state's (state, arch) and the checkpoint's saved config (dict or None); the
+    backbone found by pretrain.weights (the one table of checkpoint layouts), read safely."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass --checkpoint PATH to a "
                         "pretraining checkpoint.pth or a torchvision/MoCo state dict")
     try:
-        ckpt = load_torch(path)  # weights_only: a checkpoint from elsewhere runs no code
-    except WeightsFileError as e:
-        raise UserError(f"checkpoint {e}") from None
-    if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint {path} is not a dict of weights")
-    if isinstance(ckpt.get("state_dict"), dict):  # MoCo main_moco: keep the query encoder
-        state = {k.replace("module.", "", 1): v for k, v in ckpt["state_dict"].items()}
-        if any(k.startswith("encoder_q.") for k in state):
-            state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        arch = ckpt.get("arch")
-    else:
-        state, arch = load_backbone_state(str(path)), _config_arch(ckpt.get("config"))
-    if "conv1.weight" not in state:
-        raise UserError(f"checkpoint {path} holds no ResNet backbone (no conv1.weight after "
-                        "stripping module./encoder_q.); pass a ResNet checkpoint")
+        backbone, ckpt = read_backbone(path)  # weights_only: a checkpoint from elsewhere runs no code
+    except (WeightsFileError, BackboneError) as e:
+        raise UserError(f"checkpoint {e}; pass a ResNet checkpoint") from None
+    # MoCo's main_moco names the arch beside its state_dict; ours is in the saved config
+    arch = ckpt.get("arch") if isinstance(ckpt.get("state_dict"), dict) else _config_arch(ckpt.get("config"))
     config = ckpt.get("config")
-    return state, arch if isinstance(arch, str) else None, config if isinstance(config, dict) else None
+    return backbone.state, arch if isinstance(arch, str) else None, config if isinstance(config, dict) else None
 
 
 def _config_arch(config):
@@ -89,15 +82,6 @@ def _config_value(config, section, key):
     return value if isinstance(value, str) else None
 
 
-def checkpoint_stem(config, state):
-    """The stem a backbone was trained with: its config's model.stem, else `cifar` for a 3x3
-    conv1 (the ImageNet stem's is 7x7), else `imagenet`."""
-    stem = _config_value(config, "model", "stem")
-    if stem:
-        return stem
-    return "cifar" if tuple(state["conv1.weight"].shape[-2:]) == (3, 3) else "imagenet"
-
-
 def probe_backbone(checkpoint=None, arch=None, stem=None):
     """(frozen backbone with fc = Identity, {"arch", "stem", "data_format"}). From a checkpoint:
     arch and stem from the arguments, else the checkpoint's; data_format is its config's
@@ -106,7 +90,7 @@ def probe_backbone(checkpoint=None, arch=None, stem=None):
     state, config = None, None
     if checkpoint is not None:
         state, ckpt_arch, config = read_checkpoint(checkpoint)
-        arch, stem = arch or ckpt_arch, stem or checkpoint_stem(config, state)
+        arch, stem = arch or ckpt_arch, stem or backbone_stem({"config": config}, state)[0]
     arch, stem = arch or "resnet50", stem or "imagenet"
     where = f" (checkpoint {checkpoint})" if checkpoint is not None else ""
     try:
@@ -308,7 +292,7 @@ def run_probe(args):
     backbone.to(device)
     fmt = args.data_format or info["data_format"] or "imagefolder"
     train_tf, test_tf = probe_transforms(cfg["image_size"], args.preset)
-    classes = _parse_classes(args.classes)
+    classes = _parse_classes(args.classes, args.data)
     if args.preset == "voc07":
         train_set, test_set = voc07_sets(args.data, test_tf, test_tf, classes)
         fmt = "voc07"
@@ -316,12 +300,12 @@ def run_probe(args):
         train_set, test_set = classification_sets(args.data, fmt, train_tf if cfg["augment"] else test_tf,
                                                   test_tf)
     num_outputs = len(train_set.classes)
-    out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / f"linear_{args.preset}")
+    out_dir = Path(args.output_dir or contract.probe_dir(Path(args.checkpoint).resolve().parent, args.preset))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # the resolved settings next to the results (design.md: every run saves its config)
-        atomic_write_json(out_dir / "linear_config.json", {**vars(args), **cfg, **info,
-                                                           "data_format": fmt, "device": str(device)})
+        contract.write_json(out_dir / contract.PROBE_CONFIG, {**vars(args), **cfg, **info,
+                                                              "data_format": fmt, "device": str(device)})
     except OSError as e:
         raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
                         "writable --output-dir") from None
@@ -371,10 +355,11 @@ def run_probe(args):
     result = {"preset": args.preset, metric: last[metric]}
     if knn is not None:
         result.update(knn_top1=knn, knn_k=args.knn_k, knn_t=args.knn_t)
-    result.update(checkpoint=None if args.random_init else str(args.checkpoint),
-                  random_init=bool(args.random_init), arch=info["arch"], stem=info["stem"],
+    result.update({"checkpoint": None if args.random_init else str(args.checkpoint),
+                   contract.PROBE_RANDOM_INIT: bool(args.random_init)},
+                  arch=info["arch"], stem=info["stem"],
                   data=str(args.data), data_format=fmt, epochs=cfg["epochs"], seed=args.seed)
-    atomic_write_json(out_dir / "linear_metrics.json", result)
+    contract.write_json(contract.done_file("probe", out_dir), result)
     return result
 
 
@@ -388,13 +373,18 @@ def classification_sets(root, fmt, train_tf, test_tf):
     return image_folders(root, train_tf, test_tf)
 
 
-def _parse_classes(spec):
-    """--classes: "synthetic" (the generator's CLASSES), a comma list, or None (from annotations)."""
+def _parse_classes(spec, data):
+    """--classes: "synthetic" (the class list of the corpus in `data`, from its corpus.json), a comma
+    list, or None (the names in the annotations)."""
     if not spec:
         return None
     if spec == "synthetic":
-        from tools.make_synthetic_data import CLASSES
-        return list(CLASSES)
+        try:
+            return list(contract.corpus_classes(data))
+        except (OSError, ValueError) as e:
+            reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) else str(e)
+            raise UserError(f"--classes synthetic reads the corpus's class list ({reason}); pass as --data "
+                            "the corpus folder, or the names as --classes a,b,c") from None
     return [c.strip() for c in spec.split(",") if c.strip()]
 
 
@@ -438,6 +428,12 @@ def main(argv=None):
         sys.exit(2)
     print(json.dumps(result))
     return result
+
+
+def cli(argv=None):
+    """The command (sane-probe): main's exit code, not its result."""
+    main(argv)
+    return 0
 
 
 if __name__ == "__main__":

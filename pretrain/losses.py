@@ -1,6 +1,8 @@
 """The SANE loss as pure functions: soft-label contrastive CE, SLR labels, momentum mixup.
 
-Symbols follow docs/method.md (s queries, B̄ = in-batch keys ∪ queue, τ, τ′, μ_t, θ, κ, λ).
+Symbols and equation numbers are docs/method.md's (s queries, B̄ = in-batch keys ∪ queue, τ, τ′,
+μ_t, θ, κ, λ): Eq. (1) soft_cross_entropy, (2)-(4) slr_labels, (5) mu_schedule, (6) sample_theta,
+(7) mix_images, (8) mix_labels, (9) total_loss.
 """
 import math
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 
 def soft_cross_entropy(logits, y):
-    """L_c = −(1/s) Σ_i Σ_k y_ik · log softmax_k(logits_ik); logits = ⟨f(x_i), b̄_k⟩ / τ."""
+    """Eq. (1): L_c = −(1/s) Σ_i Σ_k y_ik · log softmax_k(logits_ik); logits = ⟨f(x_i), b̄_k⟩ / τ."""
     return -(y * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
@@ -26,17 +28,17 @@ def one_hot_labels(s, num_keys, device=None):
 
 
 def mu_schedule(t, T, m1, m2):
-    """μ_t = m2 − (m2 − m1)·(cos(π t / T) + 1) / 2: cosine ramp from m1 (t = 0) to m2 (t = T)."""
+    """Eq. (5): μ_t = m2 − (m2 − m1)·(cos(π t / T) + 1) / 2, a cosine ramp from m1 (t = 0) to m2 (t = T)."""
     return m2 - (m2 - m1) * (math.cos(math.pi * t / T) + 1) / 2
 
 
 @torch.no_grad()
 def slr_labels(key_logits, mu, use_p=True, use_q=True):
-    """Self-labeling refinery: ȳ_i = (1 − α_i − β_i)·y_i + α_i·p_i + β_i·q_i.
+    """Self-labeling refinery, Eq. (4): ȳ_i = (1 − α_i − β_i)·y_i + α_i·p_i + β_i·q_i.
 
     key_logits[i, k] = ⟨g(x̃_i), b̄_k⟩ / (τ·τ′), shape [s, s + b]; column i is key i itself.
-    p_i = softmax over B̄; q_i = the same with k = i removed (q_ii = 0), renormalised;
-    z_i = 1 + μ·max_k p_ik + μ·max_k q_ik, α_i = μ·max p_i / z_i, β_i = μ·max q_i / z_i.
+    Eq. (2): p_i = softmax over B̄; Eq. (3): q_i = the same with k = i removed (q_ii = 0),
+    renormalised; z_i = 1 + μ·max_k p_ik + μ·max_k q_ik, α_i = μ·max p_i / z_i, β_i = μ·max q_i / z_i.
     A switched-off term (use_p / use_q False) contributes 0 to z_i. No gradient.
     Returns (ȳ, p, q, α, β, z).
     """
@@ -54,13 +56,13 @@ def slr_labels(key_logits, mu, use_p=True, use_q=True):
 
 
 def sample_theta(s, kappa, device=None):
-    """θ_i ~ Beta(κ, κ), one per sample (decision: per-sample, not per-batch)."""
+    """Eq. (6): θ_i ~ Beta(κ, κ), one per sample (decision: per-sample, not per-batch)."""
     conc = torch.full((s,), float(kappa), device=device)
     return torch.distributions.Beta(conc, conc).sample()
 
 
 def mix_images(x, x_tilde, theta, perm):
-    """Momentum mixup in image space: x′_i = θ_i·x_i + (1 − θ_i)·x̃_perm(i).
+    """Momentum mixup in image space, Eq. (7): x′_i = θ_i·x_i + (1 − θ_i)·x̃_perm(i).
 
     x̃ are the crops the momentum network encoded as keys, so x′_i mixes query i with key perm(i).
     """
@@ -69,13 +71,13 @@ def mix_images(x, x_tilde, theta, perm):
 
 
 def mix_labels(y_bar, theta, perm):
-    """y′_i = θ_i·ȳ_i + (1 − θ_i)·ȳ_perm(i) (ȳ = SLR label, or one-hot when SLR is off)."""
+    """Eq. (8): y′_i = θ_i·ȳ_i + (1 − θ_i)·ȳ_perm(i) (ȳ = SLR label, or one-hot when SLR is off)."""
     th = theta.view(-1, 1).to(y_bar.dtype)
     return th * y_bar + (1 - th) * y_bar[perm]
 
 
 def total_loss(loss_vanilla, loss_mm, lam):
-    """L = (1 − λ)·L_c({x_i, y_i}) + λ·L_c({x′_i, y′_i})."""
+    """Eq. (9): L = (1 − λ)·L_c({x_i, y_i}) + λ·L_c({x′_i, y′_i})."""
     return (1 - lam) * loss_vanilla + lam * loss_mm
 
 
@@ -84,7 +86,7 @@ def label_quality(y_bar, query_cls, key_cls):
     """SLR diagnostic: mass a label puts on keys of the query's true class, and its L1 error.
 
     query_cls [s], key_cls [s + b] (−1 = unknown, e.g. a random initial queue entry).
-    y* = uniform over same-class keys of B̄ (the true label of Theorem 1).
+    y* = uniform over same-class keys of B̄ (the true label of Theorem 1, docs/method.md "Theory").
     *_same_class_mass counts the query's own positive (column i), so one-hot scores 1;
     *_other_same_class_mass leaves it out: what SLR adds (one-hot: 0, so not logged).
     slr_moved_mass = 1 − ȳ_ii, the mass SLR moves off the own positive; slr_on_class_share, the

@@ -8,6 +8,7 @@ import torchvision
 
 from pretrain import losses as L
 from pretrain.utils import get_world_size
+from pretrain.weights import read_backbone
 
 
 STEMS = ("imagenet", "cifar")
@@ -57,18 +58,9 @@ def build_encoder(arch, dim, head_depth, head_hidden, stem="imagenet"):
 
 
 def load_backbone_state(ckpt_path):
-    """Backbone weights (torchvision names, no fc) of a pretraining checkpoint.
-
-    Reads checkpoint["model"] (ours), checkpoint["state_dict"] (facebookresearch/moco) or a
-    bare state dict, keeps "encoder_q.*" minus the head; a plain torchvision state dict is
-    accepted too. Loaded with weights_only=True.
-    """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt.get("state_dict", ckpt))
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if any(k.startswith("encoder_q.") for k in state):
-        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+    """Backbone weights (torchvision names, no fc) of a pretraining, MoCo or torchvision checkpoint,
+    for build_backbone: pretrain.weights finds them, read safely (weights_only)."""
+    return read_backbone(ckpt_path)[0].state
 
 
 @torch.no_grad()
@@ -160,7 +152,7 @@ class MoCo(nn.Module):
         s = im_q.shape[0]
         q = self.encoder_q(im_q)
         if self.mm:
-            theta = L.sample_theta(s, self.mm["kappa"], im_q.device)
+            theta = L.sample_theta(s, self.mm["kappa"], im_q.device)  # Eq. (6)
             perm = torch.randperm(s, device=im_q.device)
             q_mix = [self.encoder_q(self._momentum_mixup_input(x, im_k, theta, perm))
                      for x in mm_crops]
@@ -176,7 +168,8 @@ class MoCo(nn.Module):
             k = F.normalize(k.float(), dim=1)
             queue = self.queue.clone().detach().float()
             if not self.in_batch:
-                # MoCo v2 exactly: positive logit against the queue, label 0
+                # MoCo v2's logits: the positive against the queue only, label 0 (its formulation;
+                # not bit-identical to its fp32 code: the encoders run under bf16 autocast / TF32)
                 l_pos = (q * k).sum(dim=1, keepdim=True)
                 logits = torch.cat([l_pos, q @ queue], dim=1) / self.T
                 positive = torch.zeros(s, dtype=torch.long, device=q.device)
@@ -188,7 +181,7 @@ class MoCo(nn.Module):
                 y = L.one_hot_labels(s, keys.shape[0], q.device)
                 y_bar = y
                 if self.slr:
-                    # p_i uses the positive g(x̃_i) in place of the query: logits / (τ·τ′)
+                    # Eq. (2)-(4): p_i uses the positive g(x̃_i) in place of the query: logits / (τ·τ′)
                     key_logits = k @ keys.T / (self.T * self.slr["tau_prime"])
                     y_bar = L.slr_labels(key_logits, mu, self.slr["p"], self.slr["q"])[0]
                     key_cls = torch.cat([labels, self.queue_labels])
@@ -198,22 +191,22 @@ class MoCo(nn.Module):
                     vanilla = "onehot" if self.mm else "refined"
                 y_v = y_bar if vanilla == "refined" else y
                 logits = q @ keys.T / self.T
-                loss = L.soft_cross_entropy(logits, y_v)
+                loss = L.soft_cross_entropy(logits, y_v)  # Eq. (1)
                 stats["loss_vanilla"] = loss.detach()
                 stats["inst_top1"] = L.instance_top1(logits, torch.arange(s, device=q.device))
                 if self.mm:
-                    y_mix = L.mix_labels(y_bar, theta, perm)  # y′
+                    y_mix = L.mix_labels(y_bar, theta, perm)  # y′, Eq. (8)
                     loss_mm = sum(L.soft_cross_entropy(F.normalize(f.float(), dim=1) @ keys.T / self.T,
                                                        y_mix) for f in q_mix) / len(q_mix)
                     stats["loss_mm"] = loss_mm.detach()
-                    loss = L.total_loss(loss, loss_mm, self.mm["lam"])
+                    loss = L.total_loss(loss, loss_mm, self.mm["lam"])  # Eq. (9)
         self._dequeue_and_enqueue(k, labels)
         stats["loss"] = loss.detach()
         return loss, stats
 
     @staticmethod
     def _momentum_mixup_input(x, im_k, theta, perm):
-        """x′ = θ·x + (1 − θ)·x̃_perm. A crop smaller than x̃ mixes with x̃ resized to its size
+        """x′ = θ·x + (1 − θ)·x̃_perm, Eq. (7). A crop smaller than x̃ mixes with x̃ resized to its size
         (decision: the momentum network's own view of image k, at the crop's resolution)."""
         x_tilde = im_k
         if x.shape[-2:] != im_k.shape[-2:]:

@@ -1,5 +1,5 @@
-"""Shared helpers for pretraining and the probes: distributed init, lr schedule, atomic
-saves, RNG state, and the MetricLogger (metrics.jsonl + TensorBoard)."""
+"""Shared helpers for pretraining and the probes: distributed init, lr schedule, RNG state, and the
+MetricLogger (metrics.jsonl + TensorBoard). Files are written through suite.contract."""
 import json
 import logging
 import math
@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from suite import contract
 
 
 class UserError(Exception):
@@ -49,17 +51,6 @@ def cosine_lr(base_lr, it, total_iters, warmup_iters=0):
         return base_lr * (it + 1) / warmup_iters
     t = (it - warmup_iters) / max(1, total_iters - warmup_iters)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def atomic_write_text(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def get_rng_state():
@@ -105,7 +96,7 @@ def setup_logger(output_dir, rank):
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%m/%d %H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and output_dir:
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+        handlers.append(logging.FileHandler(Path(output_dir) / contract.LOG))
     for h in handlers:
         h.setFormatter(fmt)
         logger.addHandler(h)
@@ -118,7 +109,7 @@ class MetricLogger:
 
     def __init__(self, output_dir, enabled=True, tensorboard=True):
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / contract.METRICS
         self.tb = None
         if enabled and tensorboard:
             try:

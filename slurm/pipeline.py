@@ -1,6 +1,6 @@
 """The suite as a list of stages (pretrain -> linear probes, convert -> transfer over seeds ->
 results table), each a command line with the file that marks it complete; run in order or as
-Slurm jobs."""
+Slurm jobs. Where each stage writes, and what marks it done: suite.contract."""
 import contextlib
 import os
 import shlex
@@ -10,9 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RANDOM_INIT = "random_init"  # the backbone name of fine-tunes from no pretrained weights
-PROBE_PRESETS = ("imagenet", "cifar", "voc07")  # pretrain.linear.PRESETS (not imported: no torch here)
+from suite import contract
+from suite.contract import PROBE_PRESETS, RANDOM_INIT  # noqa: F401  (names of this module's API)
+
+REPO = Path(__file__).resolve().parents[1]  # the stages run from here (their commands' paths)
 
 
 class PipelineError(RuntimeError):
@@ -55,8 +56,9 @@ def pretrain_stage(config, output_dir, data_root=None, epochs=None, opts=(), nam
     overrides = [f"output_dir={output_dir}"]
     overrides += [f"data.root={data_root}"] if data_root else []
     overrides += [f"epochs={epochs}"] if epochs else []
-    return Stage(f"pretrain/{name or Path(config).stem}", (python, "-m", "pretrain", "--config", str(config)),
-                 str(Path(output_dir) / "done.json"), kind="pretrain", opts=(*overrides, *opts))
+    return Stage(f"pretrain/{name or contract.backbone_name(config)}",
+                 (python, "-m", "pretrain", "--config", str(config)),
+                 str(contract.done_file("pretrain", output_dir)), kind="pretrain", opts=(*overrides, *opts))
 
 
 def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=None, data_format=None,
@@ -73,12 +75,14 @@ def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=Non
     fmt = ("--data-format", data_format) if data_format and preset != "voc07" else ()
     return Stage(f"probe/{name}/{preset}", (python, "-m", "pretrain.linear", *source, "--data", str(data),
                                            "--preset", preset, *fmt, "--output-dir", str(output_dir)),
-                 str(Path(output_dir) / "linear_metrics.json"), kind="probe", opts=tuple(opts),
+                 str(contract.done_file("probe", output_dir)), kind="probe", opts=tuple(opts),
                  after=tuple(after))
 
 
 def convert_stage(name, pretrain_dir, weights, python=sys.executable):
-    ckpt = str(Path(pretrain_dir) / "checkpoint.pth")
+    """`tools/convert_checkpoint.py`: the pretraining's checkpoint to Detectron2 weights (the weights
+    file is its own done marker)."""
+    ckpt = str(Path(pretrain_dir) / contract.CHECKPOINT)
     return Stage(f"convert/{name}", (python, "tools/convert_checkpoint.py", ckpt, str(weights)),
                  str(weights), after=(f"pretrain/{name}",))
 
@@ -86,10 +90,9 @@ def convert_stage(name, pretrain_dir, weights, python=sys.executable):
 def transfer_stage(config, weights, backbone, output_dir, seed, num_gpus=1, opts=(), after=(),
                    python=sys.executable):
     """`transfer/train_net.py` for one seed; Detectron2's --resume continues a partial run."""
-    task = Path(config).stem
-    return Stage(f"transfer/{backbone}/{task}/seed{seed}",
+    return Stage(f"transfer/{backbone}/{contract.task_name(config)}/{contract.seed_folder(seed)}",
                  (python, "transfer/train_net.py", "--config-file", str(config), "--num-gpus", str(num_gpus)),
-                 str(Path(output_dir) / "final_metrics.json"), kind="transfer",
+                 str(contract.done_file("transfer", output_dir)), kind="transfer",
                  opts=("OUTPUT_DIR", str(output_dir), "MODEL.WEIGHTS", str(weights), "SEED", str(seed),
                        "TRANSFER.BACKBONE_NAME", backbone, *opts),
                  resume_args=("--resume",), after=tuple(after))
@@ -99,9 +102,9 @@ def results_stage(root, after=(), python=sys.executable):
     """The table over every run under root: rebuilt whenever a run it reads is (re)run. It reads root
     itself: root/transfer/ is missing when a failure cancelled every fine-tune, and the table must
     still list that failure."""
-    root = Path(root)
-    return Stage("results", (python, "tools/results_table.py", str(root), "--out", str(root / "results.md")),
-                 str(root / "results.md"), after=tuple(after), refresh=True)
+    layout = contract.Layout(root)
+    return Stage("results", (python, "tools/results_table.py", str(layout.root), "--out", str(layout.results)),
+                 str(contract.done_file("results", layout.root)), after=tuple(after), refresh=True)
 
 
 def pending(stages, settled=Stage.done):
@@ -117,7 +120,7 @@ def pending(stages, settled=Stage.done):
 
 def named_configs(pretrain_configs, opts=()):
     """{backbone name: (config, overrides)}, each backbone named after its config's file."""
-    names = [Path(c).stem for c in pretrain_configs]
+    names = [contract.backbone_name(c) for c in pretrain_configs]
     if len(set(names)) != len(names):
         raise PipelineError(f"pretraining configs {list(pretrain_configs)} share a file name; the "
                             "backbone is named after it, so give each config its own name")
@@ -141,25 +144,24 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
                  python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None,
                  pretrain_seeds=None):
-    """Every stage of the suite under `out`, in an order that runs each after its inputs:
-    out/pretrain/<b>/, out/pretrain/<b>/linear_<preset>/ (the probes), out/weights/<b>.pkl,
-    out/transfer/<b>/<task>/seed<k>/, out/results.md, for each backbone <b> of `backbones`
-    ({name: (pretraining config, overrides)}). With `random_init`, the same fine-tunes from no
-    weights as backbone `random_init`, and its probes in out/pretrain/random_init/linear_<preset>/
-    (the pretrained backbones' arch and stem, seed 0).
+    """Every stage of the suite under `out`, in an order that runs each after its inputs, in the
+    layout of suite.contract.Layout: for each backbone of `backbones` ({name: (pretraining config,
+    overrides)}) its pretraining, its probes, its conversion and its fine-tunes (`seeds` per VOC
+    config, `coco_seeds` per COCO config, from `first_seed`), then the table. With `random_init`,
+    the same fine-tunes from no weights as backbone suite.contract.RANDOM_INIT, and its probes (the
+    pretrained backbones' arch and stem, seed 0).
 
-    pretrain_seeds: pretrain each backbone once per seed k (override seed=k) instead of once, into
-    out/pretrain/<b>/seed<k>/ (probes in its linear_<preset>/, weights out/weights/<b>/seed<k>.pkl),
-    and fine-tune each of those once, with SEED k, into out/transfer/<b>/<task>/seed<k>/: the
-    table's n is then the number of pretraining seeds, and backbone seed k is paired with random
-    init's seed k (probes in out/pretrain/random_init/seed<k>/, fine-tune SEED k). `seeds`,
-    `first_seed` and `coco_seeds` are not used then.
+    pretrain_seeds: pretrain each backbone once per seed k (override seed=k) instead of once, as
+    unit <b>/seed<k> (its own pretraining folder, probes and weights), and fine-tune each of those
+    once, with SEED k: the table's n is then the number of pretraining seeds, and backbone seed k is
+    paired with random init's seed k (its probes as unit random_init/seed<k>, fine-tune SEED k).
+    `seeds`, `first_seed` and `coco_seeds` are not used then.
 
     probe_presets: pretrain.linear presets to run on each backbone (imagenet and cifar read
     `data_root` in its config's data.format; voc07 reads `probe_voc_root`, the folder holding
     VOC2007); probe_opts: their trailing flags (e.g. ("--epochs", "5")). A backbone with the CIFAR
     stem has no Detectron2 equivalent: it is pretrained and probed, never converted or fine-tuned."""
-    out = Path(out).resolve()
+    layout = contract.Layout(Path(out).resolve())
     if random_init and RANDOM_INIT in backbones:
         raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
                             "random-init baseline: rename the config")
@@ -170,10 +172,10 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
         raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
                             "default $DETECTRON2_DATASETS): set it")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
-    # units: (backbone, pretraining seed or None); a unit's tag names its folders and stages
+    # units: (backbone, pretraining seed or None); a unit names its folders and stages
     seeded = pretrain_seeds is not None
-    units = [(b, k) for b in backbones for k in (pretrain_seeds if seeded else [None])]
-    tag = lambda b, k: b if k is None else f"{b}/seed{k}"  # noqa: E731
+    pretraining_seeds = pretrain_seeds if seeded else [None]
+    units = [(b, k) for b in backbones for k in pretraining_seeds]
     if seeded:
         runs = [(c, None) for c in (*voc_configs, *coco_configs)]
     else:
@@ -183,24 +185,25 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     resolved = {name: resolve_backbone(abspath(config), opts, abspath(data_root))
                 for name, (config, opts) in backbones.items()}
 
-    def probe_stages(unit, fmt, **source):
-        return [probe_stage(unit, abspath(probe_voc_root) if preset == "voc07" else abspath(data_root), preset,
-                            out / "pretrain" / unit / f"linear_{preset}", data_format=fmt, opts=probe_opts,
+    def probe_stages(backbone, k, fmt, **source):
+        return [probe_stage(contract.unit(backbone, k),
+                            abspath(probe_voc_root) if preset == "voc07" else abspath(data_root), preset,
+                            layout.probe_dir(backbone, preset, k), data_format=fmt, opts=probe_opts,
                             python=python, **source) for preset in probe_presets]
 
     for name, k in units:
         config, opts = backbones[name]
-        unit = tag(name, k)
-        pre_dir, weights = out / "pretrain" / unit, out / "weights" / f"{unit}.pkl"
+        unit = contract.unit(name, k)
+        pre_dir, weights = layout.pretrain_dir(name, k), layout.weights(name, k)
         opts = (*opts, f"seed={k}") if seeded else opts
         stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, unit, python))
-        probes += probe_stages(unit, resolved[name][2], checkpoint=pre_dir / "checkpoint.pth",
+        probes += probe_stages(name, k, resolved[name][2], checkpoint=pre_dir / contract.CHECKPOINT,
                                after=(f"pretrain/{unit}",))
         if resolved[name][1] == "imagenet":
             stages.append(convert_stage(unit, pre_dir, weights, python))
             sources.append((name, k, weights, (f"convert/{unit}",)))
     if random_init:
-        sources += [(RANDOM_INIT, k, "", ()) for k in (pretrain_seeds if seeded else [None])]
+        sources += [(RANDOM_INIT, k, "", ()) for k in pretraining_seeds]
         if probe_presets:
             shapes = set(resolved.values())
             if len(shapes) != 1:
@@ -210,15 +213,15 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                        f"they differ ({', '.join(f'{b}: {a}/{s}/{f}' for b, (a, s, f) in resolved.items())})")
                     + ": run one pipeline per kind of backbone")
             arch, stem, fmt = shapes.pop()
-            for k in (pretrain_seeds if seeded else [None]):
-                probes += probe_stages(tag(RANDOM_INIT, k), fmt, random_init=(arch, stem), seed=k or 0)
+            for k in pretraining_seeds:
+                probes += probe_stages(RANDOM_INIT, k, fmt, random_init=(arch, stem), seed=k or 0)
     transfers = [transfer_stage(abspath(det_config), weights, name,
-                                out / "transfer" / name / Path(det_config).stem / f"seed{seed}", seed,
+                                layout.transfer_dir(name, contract.task_name(det_config), seed), seed,
                                 num_gpus, transfer_opts, after, python)
                  for name, k, weights, after in sources
                  for det_config, fine_tune_seeds in runs for seed in (fine_tune_seeds or [k])]
     reads = [s.name for s in probes + transfers]
-    return stages + probes + transfers + [results_stage(out, reads, python)]
+    return stages + probes + transfers + [results_stage(layout.root, reads, python)]
 
 
 def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):

@@ -8,6 +8,8 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import JobPaths
 
+from suite import contract
+
 # Slurm states of a job that has not ended (sacct's names); anything else ended or is unknown
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
@@ -30,12 +32,7 @@ def load(path):
 
 def record(path, jobs):
     """Merge {stage name: entry} into the registry (written atomically)."""
-    path = Path(path)
-    entries = {**load(path), **jobs}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    contract.write_json(path, {**load(path), **jobs}, sort_keys=True, mkdir=True)
 
 
 def entry_of(job, cluster):

@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import submitit
+from submitit.slurm import slurm as submitit_slurm
 
-import submitit  # noqa: E402
-from submitit.slurm import slurm as submitit_slurm  # noqa: E402
-
-from slurm import pipeline, registry, tasks  # noqa: E402
-from slurm.tasks import StageJob  # noqa: E402
+from slurm import pipeline, registry, tasks
+from slurm.tasks import StageJob
+from suite import contract
 
 CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
 
@@ -66,7 +65,8 @@ def parse_args(argv=None):
     t.add_argument("--config-file", nargs="+", required=True, help="configs/detection/*.yaml")
     t.add_argument("--weights", required=True, help="converted backbone (.pkl)")
     t.add_argument("--output-root", required=True, help="runs go to ROOT/<backbone>/<task>/seed<k>/")
-    t.add_argument("--backbone", help="name in the results (default: the weights' file name)")
+    t.add_argument("--backbone", help="name in the results (default: the weights' file name, as "
+                                      "transfer/train_net.py files it)")
     t.add_argument("--seeds", type=int, default=5)
     t.add_argument("--first-seed", type=int, default=0)
 
@@ -80,10 +80,10 @@ def parse_args(argv=None):
     q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
     q.add_argument("--first-seed", type=int, default=0)
     q.add_argument("--random-init", action="store_true",
-                   help=f"also fine-tune from no pretrained weights (backbone {pipeline.RANDOM_INIT})")
-    q.add_argument("--probe", nargs="+", default=[], choices=pipeline.PROBE_PRESETS, metavar="PRESET",
+                   help=f"also fine-tune from no pretrained weights (backbone {contract.RANDOM_INIT})")
+    q.add_argument("--probe", nargs="+", default=[], choices=contract.PROBE_PRESETS, metavar="PRESET",
                    help="linear probes (and their kNN top-1) of every pretrained backbone, and of random "
-                        f"init with --random-init: {', '.join(pipeline.PROBE_PRESETS)}")
+                        f"init with --random-init: {', '.join(contract.PROBE_PRESETS)}")
     q.add_argument("--probe-opts", default="", help='pretrain.linear flags for every probe, e.g. "--epochs 10"')
     q.add_argument("--probe-voc-root", default=os.environ.get("DETECTRON2_DATASETS"),
                    help="the folder holding VOC2007/ for --probe voc07 (default: $DETECTRON2_DATASETS)")
@@ -193,9 +193,10 @@ def stages_for(args):
                                         args.stage_args, python=py)]
     if args.command == "transfer":
         weights = Path(args.weights).resolve()
-        backbone = args.backbone or weights.stem
+        backbone = args.backbone or contract.backbone_of_weights(weights)
+        root = Path(args.output_root).resolve()
         return [pipeline.transfer_stage(Path(c).resolve(), weights, backbone,
-                                        Path(args.output_root).resolve() / backbone / Path(c).stem / f"seed{s}",
+                                        contract.fine_tune_dir(root, backbone, contract.task_name(c), s),
                                         s, gpus, args.stage_args, python=py)
                 for c in args.config_file for s in range(args.first_seed, args.first_seed + args.seeds)]
     backbones = pipeline.named_configs(args.pretrain_config, shlex.split(args.pretrain_opts))
@@ -206,9 +207,14 @@ def stages_for(args):
                                  probe_voc_root=args.probe_voc_root)
 
 
-def default_job_dir(args):
+def output_of(args):
+    """The folder a launch writes to: --output-dir, --output-root or --out."""
     out = {"pretrain": "output_dir", "transfer": "output_root", "pipeline": "out"}[args.command]
-    return str(Path(getattr(args, out)).resolve() / "submitit" / "%j")
+    return Path(getattr(args, out)).resolve()
+
+
+def default_job_dir(args):
+    return str(contract.job_dir(output_of(args)))
 
 
 def resources(args, kind):
@@ -314,8 +320,9 @@ def describe(args, cluster, executor_args, group, log):
 def launch(args, stages, log=print):
     """Submit the incomplete `stages` (or describe them with --dry-run); returns the jobs."""
     cluster = args.cluster or ("slurm" if args.dry_run else submitit.AutoExecutor.which())
-    os.environ["PYTHONPATH"] = os.pathsep.join(  # jobs unpickle slurm.tasks: the repo must import
-        p for p in (str(pipeline.REPO), os.environ.get("PYTHONPATH")) if p)
+    # jobs unpickle slurm.tasks: this checkout first (an installed suite imports anyway; a checkout run
+    # in place, or one of several sharing an environment, must run its own code)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(pipeline.REPO), os.environ.get("PYTHONPATH")) if p)
     todo = pipeline.pending(stages)
     for s in stages:
         if s not in todo:
@@ -323,7 +330,7 @@ def launch(args, stages, log=print):
     if not todo:
         log("nothing to do: every stage is complete")
         return []
-    jobs_file = Path(default_job_dir(args)).parent / "jobs.json"
+    jobs_file = contract.jobs_file(output_of(args))
     queued = registry.in_flight(jobs_file, [s.name for s in todo])  # {stage: (job id, state)}
     if queued and cluster != "slurm":  # one local job runs every stage: nothing can wait for it
         name, (job_id, state) = next(iter(queued.items()))

@@ -2,15 +2,9 @@
 Detectron2 (`make setup` always installs it, and checks the import, so CI runs those tests), a
 small synthetic corpus."""
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A small synthetic shapes corpus (64 px) in the ImageFolder, VOC and COCO layouts."""
-    from tools.make_synthetic_data import make_corpus
+    from suite.corpus import make_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "shapes"
     make_corpus(out, seed=0, num_train=48, num_test=24, size=64)

@@ -52,7 +52,7 @@ def resnet_backbone(arch):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, corpus):
     """Every bad input of the table, and the markers folder the hostile ones would write to."""
-    from tools import convert_checkpoint as cc
+    from pretrain import convert as cc
 
     d = tmp_path_factory.mktemp("bad")
     markers = d / "markers"
@@ -244,7 +244,12 @@ def entry_points():
     from pretrain import linear
     from pretrain.__main__ import main as pretrain_main
     from slurm import submit as submit_mod
-    from tools import benchmark, convert_checkpoint, make_synthetic_data, plot_results, results_table, theorem2
+    from pretrain import benchmark
+    from pretrain import convert as convert_checkpoint
+    from suite import corpus as make_synthetic_data
+    from suite import plots as plot_results
+    from suite import results as results_table
+    from suite import theorem2
     from transfer import train_net
 
     return {("tools/convert_checkpoint.py",): convert_checkpoint.main, ("-m", "pretrain"): pretrain_main,

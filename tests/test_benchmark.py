@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import benchmark
+from pretrain import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ["--cpu", "--size", "32", "--batch-size", "4", "--iters", "1", "--warmup", "1",
@@ -89,7 +89,7 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.main(["--cpu", "--data", str(tmp_path)])
     assert e.value.code == 2 and "train/<class>" in capsys.readouterr().err
-    # as a script from the repo root (its own sys.path set-up)
+    # as the command (the installed suite, or the checkout on PYTHONPATH)
     r = subprocess.run([sys.executable, "tools/benchmark.py", "--cpu", "--sections", "ceilings"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--sections: unknown ['ceilings']" in r.stderr

@@ -19,7 +19,7 @@ from pretrain.data import build_eval_datasets, cifar_dataset
 from pretrain.engine import train
 from pretrain.model import build_backbone, build_model
 from pretrain.utils import UserError, seed_all
-from tools import convert_checkpoint
+from pretrain import convert as convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CIFAR = [  # ResNet-18 with the CIFAR stem on 16-px crops of the 32-px images: ~1 s a step

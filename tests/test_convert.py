@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from tools import convert_checkpoint as cc
+from pretrain import convert as cc
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"

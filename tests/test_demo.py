@@ -3,7 +3,7 @@ random init included, and each stage reads only what an earlier stage writes."""
 from pathlib import Path
 
 from slurm.pipeline import RANDOM_INIT
-from tools.demo import BACKBONES, PRETRAIN_CONFIG, build_demo_stages
+from suite.demo import BACKBONES, PRETRAIN_CONFIG, build_demo_stages
 
 
 def test_demo_plan_covers_every_backbone_and_seed(tmp_path):

@@ -140,7 +140,7 @@ def test_nan_loss_at_a_log_step_stops_with_one_line(images, tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- harm 4: the converter and NaN
 def test_harm4_converter_refuses_non_finite_weights(tmp_path, capsys):
-    from tools import convert_checkpoint as cc
+    from pretrain import convert as cc
 
     sd = torchvision.models.resnet18(weights=None).state_dict()
     sd["layer3.0.bn1.running_var"][5] = float("inf")
@@ -155,7 +155,7 @@ def test_harm4_converter_refuses_non_finite_weights(tmp_path, capsys):
 # ---------------------------------------------------------------- harm 5: a backbone that does not fit
 @pytest.mark.detectron2
 def test_harm5_weights_that_do_not_fit_the_backbone_fail_before_training(tmp_path, corpus):
-    from tools import convert_checkpoint as cc
+    from pretrain import convert as cc
 
     sd = torchvision.models.resnet50(weights=None).state_dict()
     with open(tmp_path / "r50.pkl", "wb") as f:
@@ -212,7 +212,8 @@ def test_failed_checkpoint_write_leaves_no_temp_file_and_the_old_checkpoint(tmp_
     from pretrain import checkpoint
 
     target = tmp_path / "checkpoint.pth"
-    checkpoint.atomic_torch_save({"iter": 1}, target)
+    ckpts = checkpoint.RunCheckpoints(tmp_path)
+    ckpts.save({"iter": 1}, target, 1)
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -220,7 +221,7 @@ def test_failed_checkpoint_write_leaves_no_temp_file_and_the_old_checkpoint(tmp_
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(OSError):
-        checkpoint.atomic_torch_save({"iter": 2}, target, keep_previous=tmp_path / "prev.pth")
+        ckpts.save({"iter": 2}, target, 2)  # would have kept the first as checkpoint.prev.pth
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"iter": 1}
@@ -289,7 +290,7 @@ def train_net(out, *opts, resume=False):
 
 @pytest.fixture(scope="module")
 def r18_weights(tmp_path_factory):
-    from tools import convert_checkpoint as cc
+    from pretrain import convert as cc
 
     d = tmp_path_factory.mktemp("w")
     torch.manual_seed(0)
@@ -300,7 +301,7 @@ def r18_weights(tmp_path_factory):
 
 @pytest.mark.detectron2
 def test_detectron2_snapshots_failure_marker_and_fallback(corpus, r18_weights, tmp_path, monkeypatch):
-    from tools.results_table import find_runs
+    from suite.results import find_runs
     from transfer.train_net import Trainer
 
     monkeypatch.setenv("SHAPES_ROOT", str(corpus))
@@ -335,7 +336,7 @@ def test_detectron2_snapshots_failure_marker_and_fallback(corpus, r18_weights, t
 
 # ---------------------------------------------------------------- results table, file modes, processes
 def test_results_table_files_a_crashed_pretraining_dir_as_pretraining(tmp_path, images):
-    from tools.results_table import find_runs
+    from suite.results import find_runs
 
     out = tmp_path / "pretrain" / "sane"
     out.mkdir(parents=True)  # died before its first log step: config, log, a checkpoint
@@ -354,7 +355,7 @@ def test_results_table_files_a_crashed_pretraining_dir_as_pretraining(tmp_path, 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_converted_weights_get_the_mode_open_would_give(tmp_path, umask, mode):
-    from tools import convert_checkpoint as cc
+    from pretrain import convert as cc
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     old = os.umask(umask)

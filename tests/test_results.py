@@ -14,7 +14,7 @@ import matplotlib.colors
 import yaml
 from matplotlib.container import BarContainer
 
-from tools import plot_results, results_table
+from suite import plots as plot_results, results as results_table
 
 REPO = Path(__file__).resolve().parents[1]
 VOC, COCO = "voc_R_50_C4_24k", "coco_R_50_C4_1x"
@@ -241,7 +241,7 @@ def test_figures_content_and_pngs(root, tmp_path):
 def test_a_run_dir_that_is_not_a_directory_is_one_error(tool, tmp_path, capsys):
     import importlib
 
-    main = importlib.import_module(f"tools.{tool}").main
+    main = importlib.import_module({"results_table": "suite.results", "plot_results": "suite.plots"}[tool]).main
     argv = [str(tmp_path / "missing")] + (["--out", str(tmp_path / "plots")] if tool == "plot_results" else [])
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -80,7 +80,7 @@ def fresh_queue(request):
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory):
     """16 train and 8 test images of 64 px, in the ImageFolder and VOC layouts."""
-    from tools.make_synthetic_data import make_corpus
+    from suite.corpus import make_corpus
 
     return make_corpus(tmp_path_factory.mktemp("slurm_corpus") / "shapes", seed=0, num_train=16,
                        num_test=8, size=64)

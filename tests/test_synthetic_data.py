@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.make_synthetic_data import CLASSES, main, make_corpus, make_image
+from suite.corpus import CLASSES, main, make_corpus, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, SIZE = 48, 24, 64  # the conftest `corpus` fixture
@@ -203,7 +203,7 @@ def test_detectron2_reads_coco_masks(corpus, coco):
 
 def test_objects_preset_is_one_upright_grey_shape_on_a_plain_ground(tmp_path):
     """The bench corpus: nothing but the shape's class (and its size and place) varies."""
-    from tools.make_synthetic_data import GREY_FILL, PLAIN_GROUND, PRESETS
+    from suite.corpus import GREY_FILL, PLAIN_GROUND, PRESETS
 
     rng = np.random.default_rng(0)
     for i in range(16):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tools import theorem2 as t2
+from suite import theorem2 as t2
 
 SEEDS = (0, 1, 2)  # the CLI's default seed set
 RHO = 0.1  # below the bound δ/8 = 0.125 for the default K̄ = 3 class values {-1, 0, 1}

@@ -28,6 +28,7 @@ fi
 
 stamp "benchmark"
 # --budget-s: compiled rows start only within it, other rows within 1.5x (tools/benchmark.py)
-timeout "${BENCH_TIMEOUT_S:-330}" $PY tools/benchmark.py --json "$OUT/bench.json" \
+# (-m from the repository root: the GPU machine's stack need not have the suite installed)
+timeout "${BENCH_TIMEOUT_S:-330}" $PY -m pretrain.benchmark --json "$OUT/bench.json" \
     --budget-s "${BENCH_BUDGET_S:-200}" 2> "$OUT/bench.log" | tee "$OUT/table.md"
 stamp "benchmark exit code ${PIPESTATUS[0]} (124 = timed out; bench.json keeps the rows done)"

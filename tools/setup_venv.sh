@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# Create .venv with Python 3.10 and install requirements*.txt; a no-op when the stamp
-# (a hash of the requirement files) matches what is installed.
+# Create .venv with Python 3.10, install the tested stack of requirements*.txt, then the suite itself
+# (pyproject.toml, editable: its packages and commands). The stamp holds a hash of the requirement
+# files and one of pyproject.toml: a second call is a no-op while both match, reinstalls the suite
+# alone when pyproject.toml changed, and builds .venv anew when a requirement file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 REQS=(requirements.txt)
-stamp=$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1)
-if [[ -x $VENV/bin/python && -f $VENV/.stamp && $(cat "$VENV/.stamp") == "$stamp" ]]; then
-  echo "setup: $VENV is up to date"; exit 0
+stamp="$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1) $(sha256sum pyproject.toml | cut -d' ' -f1)"
+
+install_suite() {  # editable, over the pinned stack: --no-deps keeps requirements.txt's versions
+  local out  # (setuptools' editable build warns at length: shown only when it fails)
+  out=$("$VENV/bin/python" -m pip install -q --no-deps -e . 2>&1) \
+    || { echo "$out" >&2; echo "setup: 'pip install -e .' failed (output above)" >&2; exit 1; }
+  "$VENV/bin/python" -c "import pretrain, transfer, slurm, suite.contract" \
+    || { echo "setup: the suite does not import after 'pip install -e .'" >&2; exit 1; }
+}
+
+if [[ -x $VENV/bin/python && -f $VENV/.stamp ]]; then
+  installed=$(cat "$VENV/.stamp")
+  if [[ $installed == "$stamp" ]]; then
+    echo "setup: $VENV is up to date"; exit 0
+  fi
+  if [[ ${installed%% *} == "${stamp%% *}" ]]; then  # the same stack: only pyproject.toml changed
+    echo "setup: pyproject.toml changed: reinstalling the suite into $VENV"
+    install_suite
+    echo "$stamp" > "$VENV/.stamp"
+    exit 0
+  fi
 fi
 
 runs() { [[ -n $1 ]] && "$1" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; }
@@ -34,5 +54,6 @@ rm -rf "$VENV"
 "$VENV/bin/python" -m pip install -q "${REQS[@]/#/-r}" 2>&1 | grep -v "is ignored: it is neither" || true
 "$VENV/bin/python" -c "import torch, torchvision, detectron2, submitit, pycocotools" \
   || { echo "setup: the installed stack does not import; see the pip output above" >&2; exit 1; }
+install_suite
 echo "$stamp" > "$VENV/.stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

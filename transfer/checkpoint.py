@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from pretrain.checkpoint import atomic_torch_save
 from pretrain.safe_load import WeightsFileError, load_pickle, load_torch
+from suite import contract
 
 # the ResNet inside a detector: C4 (backbone.res2-4 + roi_heads.res5), FPN (backbone.bottom_up.)
 BACKBONE_KEY = re.compile(r"^(backbone\.(bottom_up\.)?|roi_heads\.)(stem|res[2-5])\.")
 NEW_IN_PROTOCOL = re.compile(r"^roi_heads\.res5\.norm\.")  # Res5ROIHeadsExtraNorm's extra BN
-SNAPSHOT = re.compile(r"^model_(\d+|final)\.pth$")
+SNAPSHOT = contract.D2_SNAPSHOT
 
 
 class WeightsError(ValueError):
@@ -134,15 +134,11 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        atomic_torch_save(data, save_file)
+        contract.write_atomic(save_file, lambda f: torch.save(data, f), fsync=True)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = os.path.join(self.save_dir, f".last_checkpoint.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-        os.replace(tmp, path)
+        contract.write_text(os.path.join(self.save_dir, contract.D2_LAST_CHECKPOINT), last_filename_basename)
 
     # -- resuming: past a damaged snapshot to the newest good one
     def resume_or_load(self, path, *, resume=True):
@@ -152,7 +148,7 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     def resume_file(self):
         """The snapshot --resume loads: last_checkpoint's, else the newest readable one."""
-        tag = os.path.join(self.save_dir, "last_checkpoint")
+        tag = os.path.join(self.save_dir, contract.D2_LAST_CHECKPOINT)
         with open(tag) as f:
             named = f.read().strip()
         others = sorted((n for n in os.listdir(self.save_dir) if SNAPSHOT.match(n) and n != named),

@@ -1,9 +1,12 @@
 """Datasets for fine-tuning: VOC and COCO are Detectron2's builtins under $DETECTRON2_DATASETS; the
-synthetic shapes corpus is registered with Detectron2's own VOC and COCO functions (SHAPES_ROOT)."""
+synthetic shapes corpus is registered with Detectron2's own VOC and COCO functions (SHAPES_ROOT),
+with the class list its corpus.json records."""
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc  # + builtins
+
+from suite import contract
 
 # name -> (layout, split) inside the corpus written by tools/make_synthetic_data.py
 SHAPES_SPLITS = {
@@ -28,31 +31,41 @@ def shapes_root():
     return os.path.expanduser(os.getenv("SHAPES_ROOT", os.path.join(datasets_root(), "shapes")))
 
 
+def shapes_classes(root):
+    """The corpus's class names from its corpus.json; none when it has no readable one (the corpus is
+    missing: check_datasets names what is)."""
+    try:
+        return list(contract.corpus_classes(root))
+    except (OSError, ValueError):
+        return []
+
+
 def register_shapes(root=None):
     """(Re-)register the four shapes splits rooted at `root` (default: shapes_root())."""
-    from tools.make_synthetic_data import CLASSES
-
-    root = str(root or shapes_root())
+    corpus = contract.Corpus(root or shapes_root())
+    classes = shapes_classes(corpus.root)
     for name, (layout, split) in SHAPES_SPLITS.items():
         if name in DatasetCatalog.list():  # re-rooting: registration is otherwise write-once
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         if layout == "voc":
-            register_pascal_voc(name, os.path.join(root, "VOC2007"), split, 2007, list(CLASSES))
+            register_pascal_voc(name, str(corpus.voc), split, 2007, classes)
             MetadataCatalog.get(name).evaluator_type = "pascal_voc"
         else:
-            coco = os.path.join(root, "coco")
-            register_coco_instances(name, {}, os.path.join(coco, "annotations", f"instances_{split}.json"),
-                                    os.path.join(coco, split))
-            MetadataCatalog.get(name).thing_classes = list(CLASSES)  # before the json is read
+            register_coco_instances(name, {}, str(corpus.coco_annotations(split)), str(corpus.coco_images(split)))
+            MetadataCatalog.get(name).thing_classes = classes  # before the json is read
+        MetadataCatalog.get(name).corpus_record = str(corpus.record)
 
 
 def dataset_paths(name):
-    """The files a registered dataset reads, from the metadata its registration recorded."""
+    """The files a registered dataset reads, from the metadata its registration recorded (for the
+    shapes corpus, last, the corpus.json that names its classes)."""
     meta = MetadataCatalog.get(name)
     if meta.get("dirname"):  # Pascal VOC layout
-        return [os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt")]
-    return [p for p in (meta.get("json_file"), meta.get("image_root")) if p]
+        paths = [os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt")]
+    else:
+        paths = [p for p in (meta.get("json_file"), meta.get("image_root")) if p]
+    return paths + ([meta.corpus_record] if meta.get("corpus_record") else [])
 
 
 def check_datasets(names):

@@ -6,28 +6,22 @@ OUTPUT_DIR/failed.json when it fails. Weights are loaded safely (transfer/checkp
     python transfer/train_net.py --config-file configs/detection/voc_R_50_C4_24k.yaml \
         --num-gpus 8 MODEL.WEIGHTS backbone.pkl OUTPUT_DIR out/voc SEED 0
 """
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import detectron2.utils.comm as comm
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 
-import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.config import CfgNode as CN  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results  # noqa: E402
-
-from pretrain.checkpoint import remove_stale_temp  # noqa: E402
-from transfer import datasets, roi_heads  # noqa: E402,F401  (registers Res5ROIHeadsExtraNorm)
-from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load  # noqa: E402
-
-FAILED = "failed.json"  # written by the main process when a run raises (tools/results_table.py)
+from suite import contract
+from transfer import datasets, roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load
 
 logger = logging.getLogger("transfer")
 
@@ -81,7 +75,7 @@ class Trainer(DefaultTrainer):
 
 
 def add_transfer_config(cfg):
-    """TRANSFER.BACKBONE_NAME: the name results are filed under (default: the weights' folder)."""
+    """TRANSFER.BACKBONE_NAME: the name results are filed under (default: backbone_name)."""
     cfg.TRANSFER = CN()
     cfg.TRANSFER.BACKBONE_NAME = ""
 
@@ -110,12 +104,9 @@ def setup(args):
 
 
 def backbone_name(cfg):
-    """docs/formats.md: TRANSFER.BACKBONE_NAME, else the folder of MODEL.WEIGHTS, else random_init."""
-    if cfg.TRANSFER.BACKBONE_NAME:
-        return cfg.TRANSFER.BACKBONE_NAME
-    if not cfg.MODEL.WEIGHTS:
-        return "random_init"
-    return os.path.basename(os.path.dirname(os.path.abspath(cfg.MODEL.WEIGHTS)))
+    """docs/formats.md: TRANSFER.BACKBONE_NAME, else the name of MODEL.WEIGHTS as the layout files it
+    (suite.contract.backbone_of_weights: random_init for none)."""
+    return cfg.TRANSFER.BACKBONE_NAME or contract.backbone_of_weights(cfg.MODEL.WEIGHTS)
 
 
 def _finite(x):
@@ -129,35 +120,28 @@ def write_final_metrics(cfg, args, results, iteration):
     """OUTPUT_DIR/final_metrics.json, atomically, on the main process."""
     record = {
         "config_file": args.config_file,
-        "task": Path(args.config_file).stem,
+        "task": contract.task_name(args.config_file),
         "backbone": backbone_name(cfg),
         "weights": cfg.MODEL.WEIGHTS,
         "seed": cfg.SEED,
         "iter": iteration,
         "results": _finite({k: dict(v) for k, v in results.items()}),
     }
-    fd, tmp = tempfile.mkstemp(dir=cfg.OUTPUT_DIR, prefix=".final_metrics.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # as open() would: readable by the group, not mkstemp's 0600
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"))
+    contract.write_json(contract.done_file("transfer", cfg.OUTPUT_DIR), record)
     return record
 
 
 def write_failure(cfg, error):
     """OUTPUT_DIR/failed.json: the results table then lists the run as failed, not unfinished."""
     record = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
-    with open(os.path.join(cfg.OUTPUT_DIR, FAILED), "w") as f:
-        json.dump(record, f)
+    contract.write_json(Path(cfg.OUTPUT_DIR, contract.FAILED), record)
 
 
 def main(args):
     cfg = setup(args)
     if comm.is_main_process():  # a new attempt: the last one's failure and temp files go
-        remove_stale_temp(cfg.OUTPUT_DIR)
-        Path(cfg.OUTPUT_DIR, FAILED).unlink(missing_ok=True)
+        contract.remove_stale_temp(cfg.OUTPUT_DIR)
+        Path(cfg.OUTPUT_DIR, contract.FAILED).unlink(missing_ok=True)
     try:
         return run(cfg, args)
     except Exception as e:  # (not KeyboardInterrupt / SystemExit: killed or requeued = unfinished)
