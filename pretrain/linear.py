@@ -117,16 +117,15 @@ def build_frozen_backbone(checkpoint, arch=None, stem=None):
 
 
 # ---------------------------------------------------------------- data
-def probe_transforms(image_size, preset):
-    """(train-augmentation, test) transforms; the cifar preset only resizes, never crops."""
+def probe_transforms(image_size, fmt="imagefolder"):
+    """(train-augmentation, test) transforms. The test view is the kNN monitor's for the data
+    format (pretrain.data.eval_transform): CIFAR batches are only resized (the images are the
+    crop), image folders resized (size·256/224) and center-cropped, whatever the preset, so the
+    probe's kNN of a checkpoint is the number its run logged."""
     norm = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
-    if preset == "cifar":
-        test = transforms.Compose([transforms.Resize((image_size, image_size))] + norm)
-    else:  # resize 256/224 then center crop, as main_lincls
-        test = eval_transform(image_size)
     train = transforms.Compose([transforms.RandomResizedCrop(image_size),
                                 transforms.RandomHorizontalFlip()] + norm)
-    return train, test
+    return train, eval_transform(image_size, fmt)
 
 
 def image_folders(root, train_tf, test_tf):
@@ -291,7 +290,7 @@ def run_probe(args):
     backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
     backbone.to(device)
     fmt = args.data_format or info["data_format"] or "imagefolder"
-    train_tf, test_tf = probe_transforms(cfg["image_size"], args.preset)
+    train_tf, test_tf = probe_transforms(cfg["image_size"], fmt)
     classes = _parse_classes(args.classes, args.data)
     if args.preset == "voc07":
         train_set, test_set = voc07_sets(args.data, test_tf, test_tf, classes)

@@ -243,3 +243,23 @@ def test_cli_missing_checkpoint_exits_2(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert str(missing) in err and "not found" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_probe_on_an_image_folder_repeats_the_monitors_knn(corpus, tmp_path):
+    """Any preset on an ImageFolder views the images as the monitor does (resize, center crop):
+    the probe's kNN of a checkpoint is the kNN its run logged (the bench's table uses the probe)."""
+    from pretrain.config import load_config
+    from pretrain.engine import train
+
+    run = tmp_path / "run"
+    cfg = load_config("configs/pretrain/demo.yaml", [
+        f"data.root={corpus / 'imagefolder'}", f"output_dir={run}", "data.crop=32", "mm.crops=[16]",
+        "data.batch_size=8", "data.num_workers=0", "model.queue=64", "epochs=1", "knn.every_epochs=1",
+        "log.progress=false", "log.tensorboard=false", "deterministic=true"])
+    train(cfg)
+    result = linear.main(["--checkpoint", str(run / "checkpoint.pth"), "--data", str(corpus / "imagefolder"),
+                          "--preset", "cifar", "--epochs", "1", "--image-size", "32", "--batch-size", "16",
+                          "--num-workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "lin")])
+    done = json.loads((run / "done.json").read_text())
+    assert result["knn_top1"] == pytest.approx(done["knn_top1"])
