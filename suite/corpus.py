@@ -344,24 +344,33 @@ def _check_args(out, seed, num_train, num_test, size, overwrite, preset):
                           f"directory): choose a path you can write to")
 
 
+LAYOUTS = ("imagefolder", "voc", "coco")
+
+
 def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=False,
-                preset="scenes"):
+                preset="scenes", layouts=LAYOUTS):
     """Write the corpus of `preset` to `out` (see docs/formats.md) and return it as a Path.
+    `layouts`: which of LAYOUTS to write (the same images in each); imagefolder alone needs
+    neither pycocotools nor Detectron2 (a pretraining-only machine).
 
     Built in a sibling folder that replaces `out` at the end (suite.contract.replace_dir), so
     `out` never holds half a corpus. Raises CorpusError for bad arguments or an unusable `out`.
     """
     out = Path(out).expanduser().absolute()
     _check_args(out, seed, num_train, num_test, size, overwrite, preset)
+    unknown = sorted(set(layouts) - set(LAYOUTS))
+    if unknown or not layouts:
+        raise CorpusError(f"layouts {unknown or 'none'}: choose among {', '.join(LAYOUTS)}")
     try:
-        contract.replace_dir(out, lambda stage: _write_corpus(stage, seed, num_train, num_test, size, preset))
+        contract.replace_dir(out, lambda stage: _write_corpus(stage, seed, num_train, num_test, size, preset,
+                                                              set(layouts)))
     except OSError as e:
         raise CorpusError(f"writing the corpus to {out} failed ({e.strerror or e}): check that its folder "
                           f"is writable and has free space") from None
     return out
 
 
-def _write_corpus(root, seed, num_train, num_test, size, preset):
+def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozenset(LAYOUTS)):
     corpus = contract.Corpus(root)
     rng = np.random.default_rng(seed)
     splits = (("train", "trainval", num_train), ("val", "test", num_test))
@@ -381,25 +390,30 @@ def _write_corpus(root, seed, num_train, num_test, size, preset):
             label = CLASSES[_largest_class(instances)]
             counts.setdefault(coco_split, {}).setdefault(label, 0)
             counts[coco_split][label] += 1
-            _put(corpus.imagefolder / coco_split / label / f"{name}.jpg", jpeg)
-            _put(corpus.voc / "JPEGImages" / f"{name}.jpg", jpeg)
-            _put(corpus.coco_images(coco_split) / f"{name}.jpg", jpeg)
-            _put(corpus.voc / "Annotations" / f"{name}.xml", _voc_xml(name, size, instances))
-            images.append({"id": image_id, "file_name": f"{name}.jpg", "width": size,
-                           "height": size})
-            new = _coco_annotations(image_id, ann_id + 1, instances)
-            ann_id += len(new)
-            anns += new
+            if "imagefolder" in layouts:
+                _put(corpus.imagefolder / coco_split / label / f"{name}.jpg", jpeg)
+            if "voc" in layouts:
+                _put(corpus.voc / "JPEGImages" / f"{name}.jpg", jpeg)
+                _put(corpus.voc / "Annotations" / f"{name}.xml", _voc_xml(name, size, instances))
+            if "coco" in layouts:
+                _put(corpus.coco_images(coco_split) / f"{name}.jpg", jpeg)
+                images.append({"id": image_id, "file_name": f"{name}.jpg", "width": size,
+                               "height": size})
+                new = _coco_annotations(image_id, ann_id + 1, instances)
+                ann_id += len(new)
+                anns += new
             ids.append(name)
-        _put(corpus.voc / "ImageSets" / "Main" / f"{voc_split}.txt", "".join(f"{x}\n" for x in ids).encode())
-        contract.write_json(corpus.coco_annotations(coco_split),
-                            {"info": {"description": "synthetic shapes", "version": "1.0"},
-                             "licenses": [], "images": images, "annotations": anns,
-                             "categories": categories}, sort_keys=True, mkdir=True)
+        if "voc" in layouts:
+            _put(corpus.voc / "ImageSets" / "Main" / f"{voc_split}.txt", "".join(f"{x}\n" for x in ids).encode())
+        if "coco" in layouts:
+            contract.write_json(corpus.coco_annotations(coco_split),
+                                {"info": {"description": "synthetic shapes", "version": "1.0"},
+                                 "licenses": [], "images": images, "annotations": anns,
+                                 "categories": categories}, sort_keys=True, mkdir=True)
     contract.write_json(corpus.record,
                 {"generator": "tools/make_synthetic_data.py", "seed": seed, "preset": preset,
                  "preset_values": asdict(PRESETS[preset]),
-                 "num_train": num_train, "num_test": num_test, "size": size,
+                 "num_train": num_train, "num_test": num_test, "size": size, "layouts": sorted(layouts),
                  "classes": list(CLASSES), "jpeg_quality": JPEG_QUALITY,
                  "imagefolder_counts": counts}, sort_keys=True)
 
@@ -414,12 +428,15 @@ def main(argv=None):
     parser.add_argument("--preset", default="scenes", choices=sorted(PRESETS),
                         help="scenes: 1-6 coloured shapes on textured grounds (default); "
                              "objects: one grey shape on a plain ground (docs/bench.md)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="comma-separated layouts to write (default: all): imagefolder alone needs no "
+                             "pycocotools")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing corpus in --out")
     args = parser.parse_args(argv)
     try:
         out = make_corpus(args.out, args.seed, args.num_train, args.num_test, args.size,
-                          args.overwrite, args.preset)
+                          args.overwrite, args.preset, [x for x in args.layouts.split(",") if x])
     except CorpusError as e:
         print(f"make_synthetic_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -93,3 +93,26 @@ def test_cli_rejects_bad_arguments_with_exit_code_2(tmp_path, capsys):
     r = subprocess.run([sys.executable, "tools/benchmark.py", "--cpu", "--sections", "ceilings"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--sections: unknown ['ceilings']" in r.stderr
+
+
+def test_learning_table_reads_the_device_runs_last_records(tmp_path):
+    """tools/device_run.sh's learning table: the last train/kNN records of each run (a torn last
+    line skipped), the probe's kNN and linear top-1, and the kNN gain over random init."""
+    from suite import learning_table
+
+    for name, knn, lin in (("random_init", 40.0, 55.5), ("mocov2", 52.5, 60.0), ("sane", 61.0, 70.25)):
+        probe = tmp_path / f"probe_{name}"
+        probe.mkdir()
+        (probe / "linear_metrics.json").write_text(json.dumps({"knn_top1": knn, "top1": lin}))
+    run = tmp_path / "sane"
+    run.mkdir()
+    records = [{"type": "train", "epoch": 0, "iter": 31, "loss": 6.9, "slr_on_class_share": 0.1},
+               {"type": "knn", "epoch": 1, "iter": 31, "knn_top1": 45.0},
+               {"type": "train", "epoch": 9, "iter": 310, "loss": 5.25, "inst_top1": 30.0,
+                "slr_moved_mass": 0.032, "slr_on_class_share": 0.35, "other_same_class_key_share": 0.125}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "tr')
+    lines = learning_table.table(tmp_path).splitlines()
+    assert lines[2].split(" | ")[:7] == ["| random_init", "0", "–", "–", "40.0", "", "55.5"]
+    assert lines[3].split(" | ")[4:7] == ["52.5", "+12.5", "60.0"]
+    assert lines[4].split(" | ") == ["| sane", "10", "5.250", "30.0", "61.0", "+21.0", "70.2", "0.032", "0.350",
+                                     "0.125 |"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from suite.corpus import CLASSES, main, make_corpus, make_image
+from suite.corpus import CLASSES, CorpusError, main, make_corpus, make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, SIZE = 48, 24, 64  # the conftest `corpus` fixture
@@ -222,3 +222,17 @@ def test_objects_preset_is_one_upright_grey_shape_on_a_plain_ground(tmp_path):
     assert meta["preset"] == "objects" and meta["preset_values"]["upright"] is True
     with pytest.raises(ValueError, match="unknown preset"):
         make_corpus(tmp_path / "x", seed=0, num_train=8, num_test=8, size=64, preset="nope")
+
+
+def test_imagefolder_layout_alone_holds_the_same_images_and_no_other_layout(corpus, tmp_path):
+    """A pretraining-only machine (the GPU device: no pycocotools) writes the ImageFolder alone,
+    image for image the full corpus's."""
+    out = make_corpus(tmp_path / "if", seed=0, num_train=NUM_TRAIN, num_test=NUM_TEST, size=SIZE,
+                      layouts=["imagefolder"])
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "imagefolder"]
+    full = sorted((corpus / "imagefolder").rglob("*.jpg"))
+    alone = sorted((out / "imagefolder").rglob("*.jpg"))
+    assert [p.relative_to(corpus) for p in full] == [p.relative_to(out) for p in alone]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(full, alone))
+    with pytest.raises(CorpusError, match="choose among"):
+        make_corpus(tmp_path / "bad", layouts=["imagefolder", "yolo"])
