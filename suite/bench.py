@@ -70,6 +70,8 @@ def main(argv=None):
     out = Path(args.out).resolve()
     layout = contract.Layout(out)
     start = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()  # the code the stages run: read before they start
 
     corpus = layout.corpus("objects")  # the folder name is the pretraining task's name in the table
     if not contract.Corpus(corpus).record.is_file():
@@ -98,8 +100,6 @@ def main(argv=None):
     found, _ = results.find_runs(runs)
     sections = results.build_sections(found, {})
     lines = [f"- {b}: {g:+.1f} kNN points over random init" for b, g in sorted(gains(sections).items())]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     summary = "\n".join([f"Command: `python tools/bench.py --out {args.out} --seeds {args.seeds}` "
                          f"(commit {commit or '?'}), {time.time() - start:.0f} s of which this run "
                          f"ran {len(todo)} stages", f"Machine: {machine()}", "", *lines, ""])
