@@ -39,12 +39,12 @@ def last_records(metrics_file):
 def row(root, name):
     probe = read_json(root / f"probe_{name}" / contract.PROBE_METRICS) or {}
     records = last_records(root / name / contract.METRICS)
-    train = records.get("train", {})
+    train, quality = records.get("train", {}), records.get("label_quality", {})
     return {"backbone": name, "epochs": train.get("epoch", -1) + 1 if train else 0,
             "iters": train.get("iter"), "loss": train.get("loss"), "inst_top1": train.get("inst_top1"),
             "monitor_knn": records.get("knn", {}).get("knn_top1"),
             "probe_knn": probe.get("knn_top1"), "linear_top1": probe.get("top1"),
-            **{k: train.get(k) for k in QUALITY}}
+            **{k: quality.get(k) for k in QUALITY}}
 
 
 def fmt(v, digits=1):

@@ -106,10 +106,12 @@ def test_learning_table_reads_the_device_runs_last_records(tmp_path):
         (probe / "linear_metrics.json").write_text(json.dumps({"knn_top1": knn, "top1": lin}))
     run = tmp_path / "sane"
     run.mkdir()
-    records = [{"type": "train", "epoch": 0, "iter": 31, "loss": 6.9, "slr_on_class_share": 0.1},
+    records = [{"type": "train", "epoch": 0, "iter": 31, "loss": 6.9},
+               {"type": "label_quality", "epoch": 0, "iter": 31, "slr_on_class_share": 0.1},
                {"type": "knn", "epoch": 1, "iter": 31, "knn_top1": 45.0},
-               {"type": "train", "epoch": 9, "iter": 310, "loss": 5.25, "inst_top1": 30.0,
-                "slr_moved_mass": 0.032, "slr_on_class_share": 0.35, "other_same_class_key_share": 0.125}]
+               {"type": "train", "epoch": 9, "iter": 310, "loss": 5.25, "inst_top1": 30.0},
+               {"type": "label_quality", "epoch": 9, "iter": 310, "slr_moved_mass": 0.032,
+                "slr_on_class_share": 0.35, "other_same_class_key_share": 0.125}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "tr')
     lines = learning_table.table(tmp_path).splitlines()
     assert lines[2].split(" | ")[:7] == ["| random_init", "0", "–", "–", "40.0", "", "55.5"]
