@@ -15,7 +15,6 @@ from pretrain.utils import UserError
 from slurm import pipeline
 from suite import contract, results
 
-pytest.importorskip("sklearn")
 
 
 # ---------------------------------------------------------------- the SVM protocol's pieces
