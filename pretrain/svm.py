@@ -17,10 +17,12 @@ The protocol, as VISSL's SVMTrainer / SVMLowShotTrainer and create_voc07_low_sho
   label 0 drawn from trainval (difficult-only never); per k the reported cost is the one whose mean
   test mAP over the samples is best (VISSL's aggregate_stats: the choice is on test, as published).
   Sample i, k draws with numpy's default_rng((seed, i, k)). The table gives mean ± sample std
-  (ddof=1) over the samples at that cost (VISSL prints ddof=0)."""
+  (ddof=1) over the samples at that cost (VISSL prints ddof=0).
+The fits run in --jobs processes (joblib: classes for voc07_svm, draws for voc07_lowshot)."""
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -96,26 +98,43 @@ def crossval_ap(x, y, costs, folds=FOLDS):
                 for c in costs]
 
 
-def voc07_svm(train_x, train_labels, test_x, test_labels, costs=COSTS, folds=FOLDS, log=print):
-    """The full VOC07 SVM task: {"mAP", "aps", "costs", "crossval_ap"}; mAP in percent over the
-    classes with a test positive, a class with fewer than `folds` train positives is left out (nan)."""
-    train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
-    aps, chosen, crossval = [], [], []
-    for c in range(train_labels.shape[1]):
-        y = np.where(train_labels[:, c] == 1, 1, -1)  # difficult-only trains as negative (VISSL)
-        if min((y == 1).sum(), (y == -1).sum()) < folds:
-            log(f"class {c}: fewer than {folds} positives or negatives in trainval, left out")
-            aps.append(float("nan")), chosen.append(None), crossval.append(None)
-            continue
-        cv = crossval_ap(train_x, y, costs, folds)
-        best = costs[int(np.argmax(cv))]
-        clf = _fit(make_svm(best), train_x, y)
-        aps.append(test_ap(clf.decision_function(test_x), test_labels[:, c]))
-        chosen.append(best), crossval.append(cv)
-        log(f"class {c}: cost {best} (cross-val AP {max(cv):.4f}), test AP {aps[-1]:.4f}")
+def mean_ap(aps):
+    """mAP in percent over the classes with an AP (nan: no test positive, or left out)."""
     valid = [a for a in aps if not math.isnan(a)]
-    return {"mAP": 100.0 * sum(valid) / max(len(valid), 1), "aps": aps, "costs": chosen,
-            "crossval_ap": crossval}
+    return 100.0 * sum(valid) / max(len(valid), 1)
+
+
+def _parallel(calls, jobs):
+    """[f(*args) for f, args in calls], over `jobs` processes (joblib; in this process for 1)."""
+    if jobs == 1:
+        return [f(*args) for f, args in calls]
+    from joblib import Parallel, delayed   # scikit-learn's own dependency
+    return Parallel(n_jobs=jobs)(delayed(f)(*args) for f, args in calls)
+
+
+def svm_class(train_x, labels, test_x, test_labels, costs, folds):
+    """One class of voc07_svm: (test AP, chosen cost, cross-validated AP per cost), or
+    (nan, None, None) with fewer than `folds` positives or negatives."""
+    y = np.where(labels == 1, 1, -1)  # difficult-only trains as negative (VISSL)
+    if min((y == 1).sum(), (y == -1).sum()) < folds:
+        return float("nan"), None, None
+    cv = crossval_ap(train_x, y, costs, folds)
+    best = costs[int(np.argmax(cv))]
+    clf = _fit(make_svm(best), train_x, y)
+    return test_ap(clf.decision_function(test_x), test_labels), best, cv
+
+
+def voc07_svm(train_x, train_labels, test_x, test_labels, costs=COSTS, folds=FOLDS, jobs=1, log=print):
+    """The full VOC07 SVM task: {"mAP", "aps", "costs", "crossval_ap"} (per class); a class with
+    fewer than `folds` trainval positives (or negatives) is left out of the mAP (AP nan)."""
+    train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
+    per_class = _parallel([(svm_class, (train_x, train_labels[:, c], test_x, test_labels[:, c], costs, folds))
+                           for c in range(train_labels.shape[1])], jobs)
+    for c, (ap, cost, cv) in enumerate(per_class):
+        log(f"class {c}: " + (f"cost {cost} (cross-val AP {max(cv):.4f}), test AP {ap:.4f}" if cv else
+                              f"fewer than {folds} positives or negatives in trainval, left out"))
+    aps, chosen, crossval = (list(col) for col in zip(*per_class))
+    return {"mAP": mean_ap(aps), "aps": aps, "costs": chosen, "crossval_ap": crossval}
 
 
 def low_shot_sample(labels, k, rng, classes=None):
@@ -141,28 +160,27 @@ def low_shot_map(train_x, sample, test_x, test_labels, costs):
         aps = []
         for c in range(sample.shape[1]):
             use = sample[:, c] != -1
-            y = np.where(sample[use, c] == 1, 1, -1)
-            clf = _fit(make_svm(cost), train_x[use], y)
+            clf = _fit(make_svm(cost), train_x[use], np.where(sample[use, c] == 1, 1, -1))
             aps.append(test_ap(clf.decision_function(test_x), test_labels[:, c]))
-        valid = [a for a in aps if not math.isnan(a)]
-        maps.append(100.0 * sum(valid) / max(len(valid), 1))
+        maps.append(mean_ap(aps))
     return maps
 
 
 def voc07_lowshot(train_x, train_labels, test_x, test_labels, k_values=K_VALUES, samples=SAMPLES,
-                  costs=COSTS, seed=0, classes=None, log=print):
+                  costs=COSTS, seed=0, classes=None, jobs=1, log=print):
     """{"k=<k>": {"cost", "mAP": [one per sample at that cost], "mean", "std"}} (std: ddof=1)."""
     train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
+    draws = [(k, low_shot_sample(train_labels, k, np.random.default_rng((seed, i, k)), classes))
+             for k in k_values for i in range(samples)]   # all drawn first: a short class fails at once
+    maps = _parallel([(low_shot_map, (train_x, sample, test_x, test_labels, costs)) for _, sample in draws], jobs)
     out = {}
-    for k in k_values:
-        per_sample = np.array([low_shot_map(train_x, low_shot_sample(train_labels, k, np.random.default_rng((seed, i, k)),
-                                                                     classes), test_x, test_labels, costs)
-                               for i in range(samples)])                      # [samples, costs]
+    for j, k in enumerate(k_values):
+        per_sample = np.array(maps[j * samples:(j + 1) * samples])               # [samples, costs]
         best = int(np.argmax(per_sample.mean(axis=0)))
-        maps = [float(v) for v in per_sample[:, best]]
-        out[f"k={k}"] = {"cost": costs[best], "mAP": maps, "mean": float(np.mean(maps)),
-                         "std": float(np.std(maps, ddof=1)) if len(maps) > 1 else None}
-        log(f"k={k}: cost {costs[best]}, mAP {np.mean(maps):.2f} over {samples} samples")
+        chosen = [float(v) for v in per_sample[:, best]]
+        out[f"k={k}"] = {"cost": costs[best], "mAP": chosen, "mean": float(np.mean(chosen)),
+                         "std": float(np.std(chosen, ddof=1)) if samples > 1 else None}
+        log(f"k={k}: cost {costs[best]}, mAP {np.mean(chosen):.2f} over {samples} samples")
     return out
 
 
@@ -198,10 +216,10 @@ def run(args):
     log = lambda line: print(f"[{args.task}] {line}", flush=True)  # noqa: E731
     costs = tuple(args.costs)
     if args.task == "voc07_svm":
-        result = voc07_svm(train_x, train_y, test_x, test_y, costs, args.folds, log)
+        result = voc07_svm(train_x, train_y, test_x, test_y, costs, args.folds, args.jobs, log)
     else:
         result = {"low_shot": voc07_lowshot(train_x, train_y, test_x, test_y, tuple(args.k_values), args.samples,
-                                            costs, args.seed, train_set.classes, log)}
+                                            costs, args.seed, train_set.classes, args.jobs, log)}
     backbone_name = args.backbone or (contract.RANDOM_INIT if args.random_init
                                       else contract.pretrain_run(Path(args.checkpoint).resolve().parent).backbone)
     result = {"task": args.task, "backbone": backbone_name, **result, "classes": train_set.classes,
@@ -225,6 +243,8 @@ def parse_args(argv=None):
     p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds (voc07_svm)")
     p.add_argument("--k-values", type=int, nargs="+", default=K_VALUES, help="positives per class (voc07_lowshot)")
     p.add_argument("--samples", type=int, default=SAMPLES, help="independent low-shot draws per k")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count(), help="processes fitting SVMs (default: the CPUs this process may use)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--arch", help="torchvision ResNet name (default: the checkpoint's, else resnet50)")
@@ -237,8 +257,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="the low-shot draws; --random-init's weights")
     args = p.parse_args(argv)
-    if args.folds < 2 or args.samples < 1 or min(args.k_values) < 1 or min(args.costs) <= 0:
-        p.error("--folds >= 2, --samples >= 1, --k-values >= 1 and --costs > 0")
+    if args.folds < 2 or args.samples < 1 or min(args.k_values) < 1 or min(args.costs) <= 0 or args.jobs < 1:
+        p.error("--folds >= 2, --samples >= 1, --k-values >= 1, --costs > 0 and --jobs >= 1")
     return args
 
 

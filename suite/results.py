@@ -211,7 +211,7 @@ def columns_for(kind, task, with_slr=True):
     if kind == "pretrain":
         return PRETRAIN_COLUMNS + (SLR_COLUMNS if with_slr else ())
     if kind == "classification":
-        return {"voc07_svm": SVM_COLUMNS, "voc07_lowshot": LOWSHOT_COLUMNS}.get(task, SEMI_COLUMNS)
+        return dict(zip(contract.SVM_TASKS, (SVM_COLUMNS, LOWSHOT_COLUMNS))).get(task, SEMI_COLUMNS)
     return COCO_COLUMNS if "coco" in task.lower() else VOC_COLUMNS
 
 
@@ -251,8 +251,9 @@ def read_detection_run(d):
 
 def read_classification_runs(d, done):
     """The runs of a pretrain.svm (svm_metrics.json) or pretrain.semisup (semisup_metrics.json) folder:
-    one, or for voc07_lowshot one per independent sample (the table's n). Backbone and task as the
-    file records them, else from the folder (ROOT/<b>/<task>/seed<k>)."""
+    one, or for voc07_lowshot one per independent sample (the table's n; with pretraining seeds,
+    samples x seeds). Backbone and task as the file records them, else from the folder
+    (ROOT/<b>/<task>/seed<k>)."""
     rec = read_json(d / done)
     layout_backbone, layout_task, seed = contract.fine_tune_run(d)
     backbone, task = str(rec.get("backbone") or layout_backbone), str(rec.get("task") or layout_task)
@@ -265,10 +266,11 @@ def read_classification_runs(d, done):
         runs = [make({"top-1": rec.get("top1"), "top-5": rec.get("top5")}, _seed(rec.get("seed"), seed))]
     else:
         runs = [make({"mAP": rec.get("mAP")})]
-    for run in runs or [make({})]:
+    runs = runs or [make({})]
+    for run in runs:
         if not any(_finite(v) for v in run.metrics.values()):
             run.problem = f"failed: {done} holds no finite metric"
-    return runs or [make({})]
+    return runs
 
 
 def random_init_run(lin_dir, lm, pretrain_runs, random_runs):

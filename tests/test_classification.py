@@ -58,6 +58,8 @@ def test_voc07_svm_separates_informative_features_and_not_noise():
     good = svm.voc07_svm(x, y, tx, ty, costs=(0.1, 1.0), log=lambda _: None)
     assert good["mAP"] > 95.0 and all(c in (0.1, 1.0) for c in good["costs"])
     assert len(good["crossval_ap"]) == 3 and all(len(row) == 2 for row in good["crossval_ap"])
+    # the classes fitted in 2 processes (joblib) give the same numbers
+    assert svm.voc07_svm(x, y, tx, ty, costs=(0.1, 1.0), jobs=2, log=lambda _: None) == good
     nx, ny = _toy_voc(90, 3, False, 0)
     noise = svm.voc07_svm(nx, ny, _toy_voc(60, 3, False, 1)[0], ty, costs=(0.1, 1.0), log=lambda _: None)
     assert noise["mAP"] < 75.0
@@ -135,11 +137,12 @@ def test_classification_tasks_run_as_pipeline_stages_into_the_table(corpus, tmp_
     torch.save({"model": {"encoder_q." + k: v for k, v in net.state_dict().items() if not k.startswith("fc.")},
                 "config": {"model": {"arch": "resnet18"}}}, ckpt)
     common = ("--image-size", "32", "--num-workers", "0", "--device", "cpu")
+    svm_common = (*common, "--jobs", "1")
     stages = pipeline.build_stages(
         pipeline.named_configs(["configs/pretrain/demo.yaml"]), corpus / "imagefolder", out, seeds=2,
         random_init=True, classification_tasks=contract.CLASSIFICATION_TASKS[:3], probe_voc_root=corpus,
         semi_subsets=contract.Corpus(corpus).subsets,
-        svm_opts=(*common, "--classes", "synthetic", "--k-values", "1", "2", "--samples", "3", "--costs", "0.1", "1"),
+        svm_opts=(*svm_common, "--classes", "synthetic", "--k-values", "1", "2", "--samples", "3", "--costs", "0.1", "1"),
         semi_opts=(*common, "--epochs", "1", "--batch-size", "8"))
     classify = [s for s in stages if s.name.startswith("classify/")]
     assert sorted(s.name for s in classify) == sorted(
@@ -175,6 +178,24 @@ def test_classification_tasks_run_as_pipeline_stages_into_the_table(corpus, tmp_
     assert "### voc07_lowshot (classification)" in text and "(n=3)" in text
 
 
+def test_table_reads_hand_written_classification_files(tmp_path):
+    """A low-shot file is one run per sample; a file with no finite metric is a failed run."""
+    low = tmp_path / "transfer" / "b" / "voc07_lowshot" / "seed0"
+    low.mkdir(parents=True)
+    contract.write_json(low / contract.SVM_METRICS, {"task": "voc07_lowshot", "backbone": "b", "low_shot": {
+        "k=1": {"cost": 1.0, "mAP": [10.0, 20.0, 30.0]}, "k=2": {"cost": 1.0, "mAP": [40.0, 50.0, float("nan")]}}})
+    semi = tmp_path / "transfer" / "b" / "semi_10pct" / "seed3"
+    semi.mkdir(parents=True)
+    contract.write_json(semi / contract.SEMI_METRICS, {"top1": None, "top5": None})
+    sections, incomplete, runs = results.collect([tmp_path], "none")
+    assert len([r for r in runs if r.task == "voc07_lowshot"]) == 3
+    rows = {task: {label: cells for label, _, cells in r} for _, task, _, r in sections}
+    assert rows["voc07_lowshot"]["b"]["k=1"] == (20.0, 10.0, 3) and rows["voc07_lowshot"]["b"]["k=2"][2] == 2
+    assert incomplete == [(str(semi), "failed: semisup_metrics.json holds no finite metric")]
+    bad = [r for r in runs if r.task == "semi_10pct"]
+    assert bad[0].backbone == "b" and bad[0].seed == 3
+
+
 @pytest.mark.parametrize("module,argv,needle", [
     (svm, ["--task", "voc07_lowshot", "--k-values", "40"], "pass smaller --k-values"),
     (semisup, ["--subset", "missing.txt"], "missing.txt cannot be read"),
@@ -184,6 +205,7 @@ def test_bad_inputs_exit_2_with_one_line(module, argv, needle, corpus, tmp_path,
     data = corpus if module is svm else corpus / "imagefolder"
     with pytest.raises(SystemExit) as exc:
         module.main(["--random-init", "--arch", "resnet18", "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                     *(["--jobs", "1"] if module is svm else []),
                      "--image-size", "32", "--num-workers", "0", "--device", "cpu", *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
