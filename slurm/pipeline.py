@@ -109,17 +109,17 @@ def semisup_stage(backbone, data, subset, task, output_dir, seed, checkpoint=Non
                  str(contract.done_file("semisup", output_dir)), kind="probe", opts=tuple(opts), after=tuple(after))
 
 
-def classification_stages(tasks, backbone, output_dir, seeds, voc_root=None, semi_data=None, subsets=None,
-                          svm_opts=(), semi_opts=(), python=sys.executable, **source):
+def classification_stages(tasks, backbone, output_dir, svm_seed, seeds, voc_root=None, semi_data=None,
+                          subsets=None, svm_opts=(), semi_opts=(), python=sys.executable, **source):
     """The stages of the classification transfer `tasks` (suite.contract.CLASSIFICATION_TASKS) of one
-    backbone: the SVM tasks once (seed seeds[0]: the low-shot draws), each semi-supervised task once
-    per seed; output_dir(task, seed) gives each folder. source: checkpoint=..., after=..., or
-    random_init=(arch, stem) (its weights from the seed)."""
+    backbone: each SVM task once, with `svm_seed` (the low-shot draws), each semi-supervised task once
+    per seed of `seeds`; output_dir(task, seed) gives each folder. source: checkpoint=..., after=...,
+    or random_init=(arch, stem) (its weights from the seed)."""
     stages = []
     for task in tasks:
         if task in contract.SVM_TASKS:
-            stages.append(svm_stage(backbone, voc_root, task, output_dir(task, seeds[0]), seed=seeds[0], opts=svm_opts,
-                                    python=python, **source))
+            stages.append(svm_stage(backbone, voc_root, task, output_dir(task, svm_seed), seed=svm_seed,
+                                    opts=svm_opts, python=python, **source))
         else:
             stages += [semisup_stage(backbone, semi_data, Path(subsets) / contract.SEMI_SUBSETS[task], task,
                                      output_dir(task, k), k, opts=semi_opts, python=python, **source) for k in seeds]
@@ -257,12 +257,20 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                             layout.probe_dir(backbone, preset, k), data_format=fmt, opts=probe_opts,
                             python=python, **source) for preset in probe_presets]
 
-    semi_seeds = (lambda k: [k or 0]) if seeded else (lambda k: list(range(first_seed, first_seed + seeds)))
+    if set(classification_tasks) & set(contract.SEMI_SUBSETS) and not semi_data_root:
+        other = {b: f for b, (_, _, f) in resolved.items() if f != "imagefolder"}
+        if other:
+            raise PipelineError(f"the semi-supervised tasks fine-tune on an ImageFolder, and data_root is "
+                                f"{', '.join(sorted(set(other.values())))} ({', '.join(other)}): set "
+                                "semi_data_root to an ImageFolder with train/ and val/")
+    semi_seeds = (lambda k: [k]) if seeded else (lambda k: list(range(first_seed, first_seed + seeds)))
 
     def classify(backbone, k, **source):
+        # SVM: one run per pretraining (seed 0 without pretraining seeds, whatever first_seed: adding
+        # fine-tune seeds adds no SVM run); semi-supervised: one per fine-tune seed, as the fine-tunes
         return classification_stages(
             classification_tasks, backbone,
-            lambda task, seed: layout.transfer_dir(backbone, task, seed), semi_seeds(k),
+            lambda task, seed: layout.transfer_dir(backbone, task, seed), k or 0, semi_seeds(k),
             probe_voc_root and abspath(probe_voc_root), abspath(semi_data_root or data_root),
             semi_subsets and abspath(semi_subsets), svm_opts, semi_opts, python, **source)
 

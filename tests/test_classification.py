@@ -178,6 +178,19 @@ def test_classification_tasks_run_as_pipeline_stages_into_the_table(corpus, tmp_
     assert "### voc07_lowshot (classification)" in text and "(n=3)" in text
 
 
+@pytest.mark.parametrize("config,kwargs,needle", [
+    ("demo.yaml", dict(classification_tasks=("semi_5pct",)), "unknown classification task semi_5pct"),
+    ("demo.yaml", dict(classification_tasks=("voc07_lowshot",)), "read VOC2007/ from probe_voc_root"),
+    ("demo.yaml", dict(classification_tasks=("semi_1pct",)), "subset lists (1percent.txt, 10percent.txt)"),
+    ("sane_r50_cifar.yaml", dict(classification_tasks=("semi_1pct",), semi_subsets="s"),
+     "data_root is cifar10 (sane_r50_cifar): set semi_data_root"),
+])
+def test_pipeline_refuses_classification_tasks_it_cannot_run(config, kwargs, needle, tmp_path):
+    with pytest.raises(pipeline.PipelineError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        pipeline.build_stages(pipeline.named_configs([f"configs/pretrain/{config}"]), tmp_path, tmp_path / "o",
+                              **kwargs)
+
+
 def test_table_reads_hand_written_classification_files(tmp_path):
     """A low-shot file is one run per sample; a file with no finite metric is a failed run."""
     low = tmp_path / "transfer" / "b" / "voc07_lowshot" / "seed0"
