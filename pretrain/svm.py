@@ -134,7 +134,8 @@ def voc07_svm(train_x, train_labels, test_x, test_labels, costs=COSTS, folds=FOL
         log(f"class {c}: " + (f"cost {cost} (cross-val AP {max(cv):.4f}), test AP {ap:.4f}" if cv else
                               f"fewer than {folds} positives or negatives in trainval, left out"))
     aps, chosen, crossval = (list(col) for col in zip(*per_class))
-    return {"mAP": mean_ap(aps), "aps": aps, "costs": chosen, "crossval_ap": crossval}
+    return {"mAP": mean_ap(aps), "aps": [None if math.isnan(a) else a for a in aps], "costs": chosen,
+            "crossval_ap": crossval}
 
 
 def low_shot_sample(labels, k, rng, classes=None):
