@@ -183,5 +183,11 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None):
+    """The command (sane-semisup): main's exit code, not its result."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
     main()

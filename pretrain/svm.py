@@ -274,5 +274,11 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None):
+    """The command (sane-svm): main's exit code, not its result."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
     main()
