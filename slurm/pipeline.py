@@ -79,6 +79,53 @@ def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=Non
                  after=tuple(after))
 
 
+def _source(checkpoint, random_init):
+    if random_init is not None:
+        arch, stem = random_init
+        return ("--random-init", "--arch", arch, "--stem", stem)
+    return ("--checkpoint", str(checkpoint))
+
+
+def svm_stage(backbone, voc_root, task, output_dir, checkpoint=None, random_init=None, seed=0, opts=(),
+              after=(), python=sys.executable):
+    """`python -m pretrain.svm`: task voc07_svm (VOC07 SVM) or voc07_lowshot (low-shot SVM) on the frozen
+    backbone in `checkpoint`, or random_init=(arch, stem) (weights from `seed`); `voc_root` holds
+    VOC2007/. One process, one GPU for the features; no resume (a rerun starts over)."""
+    return Stage(f"classify/{backbone}/{task}/{contract.seed_folder(seed)}",
+                 (python, "-m", "pretrain.svm", *_source(checkpoint, random_init), "--data", str(voc_root),
+                  "--task", task, "--backbone", backbone, "--seed", str(seed), "--output-dir", str(output_dir)),
+                 str(contract.done_file("svm", output_dir)), kind="probe", opts=tuple(opts), after=tuple(after))
+
+
+def semisup_stage(backbone, data, subset, task, output_dir, seed, checkpoint=None, random_init=None, opts=(),
+                  after=(), python=sys.executable):
+    """`python -m pretrain.semisup`: fine-tune the whole network + a linear head on the images of the
+    ImageFolder `data` that `subset` lists, top-1/top-5 on its val/, with `seed`. One process, one
+    GPU; no resume."""
+    return Stage(f"classify/{backbone}/{task}/{contract.seed_folder(seed)}",
+                 (python, "-m", "pretrain.semisup", *_source(checkpoint, random_init), "--data", str(data),
+                  "--subset", str(subset), "--task", task, "--backbone", backbone, "--seed", str(seed),
+                  "--output-dir", str(output_dir)),
+                 str(contract.done_file("semisup", output_dir)), kind="probe", opts=tuple(opts), after=tuple(after))
+
+
+def classification_stages(tasks, backbone, output_dir, svm_seed, seeds, voc_root=None, semi_data=None,
+                          subsets=None, svm_opts=(), semi_opts=(), python=sys.executable, **source):
+    """The stages of the classification transfer `tasks` (suite.contract.CLASSIFICATION_TASKS) of one
+    backbone: each SVM task once, with `svm_seed` (the low-shot draws), each semi-supervised task once
+    per seed of `seeds`; output_dir(task, seed) gives each folder. source: checkpoint=..., after=...,
+    or random_init=(arch, stem) (its weights from the seed)."""
+    stages = []
+    for task in tasks:
+        if task in contract.SVM_TASKS:
+            stages.append(svm_stage(backbone, voc_root, task, output_dir(task, svm_seed), seed=svm_seed,
+                                    opts=svm_opts, python=python, **source))
+        else:
+            stages += [semisup_stage(backbone, semi_data, Path(subsets) / contract.SEMI_SUBSETS[task], task,
+                                     output_dir(task, k), k, opts=semi_opts, python=python, **source) for k in seeds]
+    return stages
+
+
 def convert_stage(name, pretrain_dir, weights, python=sys.executable):
     """`tools/convert_checkpoint.py`: the pretraining's checkpoint to Detectron2 weights (the weights
     file is its own done marker)."""
@@ -143,7 +190,8 @@ def resolve_backbone(config, opts, data_root):
 def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
                  python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None,
-                 pretrain_seeds=None):
+                 pretrain_seeds=None, classification_tasks=(), svm_opts=(), semi_opts=(), semi_data_root=None,
+                 semi_subsets=None):
     """Every stage of the suite under `out`, in an order that runs each after its inputs, in the
     layout of suite.contract.Layout: for each backbone of `backbones` ({name: (pretraining config,
     overrides)}) its pretraining, its probes, its conversion and its fine-tunes (`seeds` per VOC
@@ -160,7 +208,15 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     probe_presets: pretrain.linear presets to run on each backbone (imagenet and cifar read
     `data_root` in its config's data.format; voc07 reads `probe_voc_root`, the folder holding
     VOC2007); probe_opts: their trailing flags (e.g. ("--epochs", "5")). A backbone with the CIFAR
-    stem has no Detectron2 equivalent: it is pretrained and probed, never converted or fine-tuned."""
+    stem has no Detectron2 equivalent: it is pretrained and probed, never converted or fine-tuned.
+
+    classification_tasks: names of suite.contract.CLASSIFICATION_TASKS, run on each pretraining (and
+    with `random_init` on an untrained network, as the probes) into OUT/transfer/<b>/<task>/seed<k>/:
+    voc07_svm and voc07_lowshot (pretrain.svm) read VOC2007/ from `probe_voc_root`, once per unit;
+    semi_1pct and semi_10pct (pretrain.semisup) fine-tune on the ImageFolder `semi_data_root`
+    (default `data_root`) with the subset list of SEMI_SUBSETS in `semi_subsets` (a folder), once per
+    fine-tune seed (like the VOC fine-tunes; with pretrain_seeds, seed k). svm_opts, semi_opts: the
+    trailing flags of the pretrain.svm and pretrain.semisup stages (e.g. ("--epochs", "1"))."""
     layout = contract.Layout(Path(out).resolve())
     if random_init and RANDOM_INIT in backbones:
         raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
@@ -168,6 +224,16 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     unknown = [p for p in probe_presets if p not in PROBE_PRESETS]
     if unknown:
         raise PipelineError(f"unknown probe preset {unknown[0]}: use {', '.join(PROBE_PRESETS)}")
+    unknown = [t for t in classification_tasks if t not in contract.CLASSIFICATION_TASKS]
+    if unknown:
+        raise PipelineError(f"unknown classification task {unknown[0]}: use "
+                            f"{', '.join(contract.CLASSIFICATION_TASKS)}")
+    if set(classification_tasks) & set(contract.SVM_TASKS) and not probe_voc_root:
+        raise PipelineError("the VOC07 SVM tasks read VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
+                            "default $DETECTRON2_DATASETS): set it")
+    if set(classification_tasks) & set(contract.SEMI_SUBSETS) and not semi_subsets:
+        raise PipelineError("the semi-supervised tasks read their subset lists (1percent.txt, 10percent.txt) "
+                            "from semi_subsets: set it to the folder holding them")
     if "voc07" in probe_presets and not probe_voc_root:
         raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
                             "default $DETECTRON2_DATASETS): set it")
@@ -191,6 +257,23 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                             layout.probe_dir(backbone, preset, k), data_format=fmt, opts=probe_opts,
                             python=python, **source) for preset in probe_presets]
 
+    if set(classification_tasks) & set(contract.SEMI_SUBSETS) and not semi_data_root:
+        other = {b: f for b, (_, _, f) in resolved.items() if f != "imagefolder"}
+        if other:
+            raise PipelineError(f"the semi-supervised tasks fine-tune on an ImageFolder, and data_root is "
+                                f"{', '.join(sorted(set(other.values())))} ({', '.join(other)}): set "
+                                "semi_data_root to an ImageFolder with train/ and val/")
+    semi_seeds = (lambda k: [k]) if seeded else (lambda k: list(range(first_seed, first_seed + seeds)))
+
+    def classify(backbone, k, **source):
+        # SVM: one run per pretraining (seed 0 without pretraining seeds, whatever first_seed: adding
+        # fine-tune seeds adds no SVM run); semi-supervised: one per fine-tune seed, as the fine-tunes
+        return classification_stages(
+            classification_tasks, backbone,
+            lambda task, seed: layout.transfer_dir(backbone, task, seed), k or 0, semi_seeds(k),
+            probe_voc_root and abspath(probe_voc_root), abspath(semi_data_root or data_root),
+            semi_subsets and abspath(semi_subsets), svm_opts, semi_opts, python, **source)
+
     for name, k in units:
         config, opts = backbones[name]
         unit = contract.unit(name, k)
@@ -199,12 +282,13 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
         stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, unit, python))
         probes += probe_stages(name, k, resolved[name][2], checkpoint=pre_dir / contract.CHECKPOINT,
                                after=(f"pretrain/{unit}",))
+        probes += classify(name, k, checkpoint=pre_dir / contract.CHECKPOINT, after=(f"pretrain/{unit}",))
         if resolved[name][1] == "imagenet":
             stages.append(convert_stage(unit, pre_dir, weights, python))
             sources.append((name, k, weights, (f"convert/{unit}",)))
     if random_init:
         sources += [(RANDOM_INIT, k, "", ()) for k in pretraining_seeds]
-        if probe_presets:
+        if probe_presets or classification_tasks:
             shapes = set(resolved.values())
             if len(shapes) != 1:
                 raise PipelineError(
@@ -215,6 +299,7 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
             arch, stem, fmt = shapes.pop()
             for k in pretraining_seeds:
                 probes += probe_stages(RANDOM_INIT, k, fmt, random_init=(arch, stem), seed=k or 0)
+                probes += classify(RANDOM_INIT, k, random_init=(arch, stem))
     transfers = [transfer_stage(abspath(det_config), weights, name,
                                 layout.transfer_dir(name, contract.task_name(det_config), seed), seed,
                                 num_gpus, transfer_opts, after, python)

@@ -17,6 +17,12 @@ from pathlib import Path
 # ---------------------------------------------------------------- names
 RANDOM_INIT = "random_init"  # the backbone of the fine-tunes and probes from no pretrained weights
 PROBE_PRESETS = ("imagenet", "cifar", "voc07")  # pretrain.linear's presets (the probe stages' names)
+# classification transfer on frozen features (pretrain/svm.py) and semi-supervised fine-tuning
+# (pretrain/semisup.py): the pipeline's task names, and the subset list each semi task reads (the
+# file names SimCLR's lists have)
+SVM_TASKS = ("voc07_svm", "voc07_lowshot")
+SEMI_SUBSETS = {"semi_1pct": "1percent.txt", "semi_10pct": "10percent.txt"}
+CLASSIFICATION_TASKS = (*SVM_TASKS, *SEMI_SUBSETS)
 SEED_FOLDER = re.compile(r"seed[_-]?(\d+)$")  # seed<k> (seed_<k>, seed-<k> by hand), with .match
 
 
@@ -60,6 +66,8 @@ PROBE_METRICS = "linear_metrics.json"
 PROBE_RANDOM_INIT = RANDOM_INIT      # its key that is true for a probe of an untrained network
 PROBE_CONFIG = "linear_config.json"
 FINE_TUNE_DONE = "final_metrics.json"
+SVM_METRICS = "svm_metrics.json"     # pretrain.svm: VOC07 SVM / low-shot SVM (its done marker)
+SEMI_METRICS = "semisup_metrics.json"  # pretrain.semisup: a semi-supervised fine-tune (its done marker)
 FAILED = "failed.json"               # a fine-tune that raised (removed by the next attempt)
 D2_METRICS = "metrics.json"          # Detectron2's JSONWriter
 D2_LAST_CHECKPOINT = "last_checkpoint"
@@ -71,7 +79,8 @@ CORPUS_IMAGEFOLDER = "imagefolder"   # a corpus's ImageFolder root (pretraining'
 
 # The file each stage writes last: its output is complete once the file exists (the pipeline skips
 # such a stage, the table reads it). A conversion's is the weights file itself.
-DONE = {"pretrain": PRETRAIN_DONE, "probe": PROBE_METRICS, "transfer": FINE_TUNE_DONE, "results": RESULTS}
+DONE = {"pretrain": PRETRAIN_DONE, "probe": PROBE_METRICS, "transfer": FINE_TUNE_DONE, "results": RESULTS,
+        "svm": SVM_METRICS, "semisup": SEMI_METRICS}
 
 
 def snapshot(epoch):
@@ -226,6 +235,11 @@ class Corpus:
     @property
     def record(self):
         return self.root / CORPUS_RECORD
+
+    @property
+    def subsets(self):
+        """The semi-supervised subset lists (SEMI_SUBSETS' files: one train image name a line)."""
+        return self.root / "subsets"
 
 
 def corpus_classes(root):

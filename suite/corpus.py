@@ -1,5 +1,6 @@
 """Seeded synthetic "shapes" corpus with boxes and masks, written once in the ImageFolder, Pascal
-VOC (VOC2007) and COCO layouts (docs/formats.md; the folders: suite.contract.Corpus). Two presets:
+VOC (VOC2007) and COCO layouts (docs/formats.md; the folders: suite.contract.Corpus), with the
+semi-supervised subset lists of its train images (subsets/1percent.txt, 10percent.txt). Two presets:
 `scenes`, textured scenes of 1-6 occluding coloured shapes (detection), and `objects`, one grey
 shape on a plain dark ground, the object-centric corpus on which pretraining learns the classes in
 CPU minutes (docs/bench.md). Its corpus.json records the class list: readers take it from there
@@ -318,6 +319,20 @@ def _put(path, data):
     path.write_bytes(data)
 
 
+SUBSET_FRACTIONS = {"semi_1pct": 0.01, "semi_10pct": 0.10}  # of the train images, per class
+
+
+def subset_names(names_by_class, fraction, rng):
+    """A semi-supervised subset list (SimCLR's 1percent.txt format: file names): per class
+    ceil(fraction * its count) names, at least one, drawn without replacement by `rng`."""
+    out = []
+    for label in sorted(names_by_class):
+        names = sorted(names_by_class[label])
+        n = min(len(names), max(1, int(np.ceil(fraction * len(names)))))
+        out += [names[i] for i in sorted(rng.choice(len(names), n, replace=False))]
+    return out
+
+
 def _check_args(out, seed, num_train, num_test, size, overwrite, preset):
     if preset not in PRESETS:
         raise CorpusError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -376,7 +391,7 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
     splits = (("train", "trainval", num_train), ("val", "test", num_test))
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
                   for k, name in enumerate(CLASSES)]
-    image_id, ann_id, counts = 0, 0, {}
+    image_id, ann_id, counts, train_names = 0, 0, {}, {}
     for coco_split, voc_split, n in splits:
         images, anns, ids = [], [], []
         for i in range(n):
@@ -392,6 +407,8 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
             counts[coco_split][label] += 1
             if "imagefolder" in layouts:
                 _put(corpus.imagefolder / coco_split / label / f"{name}.jpg", jpeg)
+                if coco_split == "train":
+                    train_names.setdefault(label, []).append(f"{name}.jpg")
             if "voc" in layouts:
                 _put(corpus.voc / "JPEGImages" / f"{name}.jpg", jpeg)
                 _put(corpus.voc / "Annotations" / f"{name}.xml", _voc_xml(name, size, instances))
@@ -410,6 +427,10 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
                                 {"info": {"description": "synthetic shapes", "version": "1.0"},
                                  "licenses": [], "images": images, "annotations": anns,
                                  "categories": categories}, sort_keys=True, mkdir=True)
+    if "imagefolder" in layouts:  # the semi-supervised subsets of its train/
+        for task, fraction in SUBSET_FRACTIONS.items():
+            names = subset_names(train_names, fraction, np.random.default_rng((seed, round(fraction * 100))))
+            _put(corpus.subsets / contract.SEMI_SUBSETS[task], "".join(f"{x}\n" for x in names).encode())
     contract.write_json(corpus.record,
                 {"generator": "tools/make_synthetic_data.py", "seed": seed, "preset": preset,
                  "preset_values": asdict(PRESETS[preset]),

@@ -26,6 +26,11 @@ PRETRAIN_COLUMNS = ("kNN top-1", "linear top-1", "VOC07 cls mAP")
 SLR_COLUMNS = ("SLR on-class %", "on-class chance %")
 VOC_COLUMNS = ("AP50", "AP", "AP75")
 COCO_COLUMNS = ("AP (bbox)", "AP (segm)")
+# classification transfer (pretrain.svm, pretrain.semisup): one section per task; a low-shot run is
+# one row per independent sample, so its cells are mean ± std over the samples (n = samples)
+SVM_COLUMNS = ("mAP",)
+LOWSHOT_COLUMNS = tuple(f"k={k}" for k in (1, 2, 4, 8, 16, 32, 64, 96))
+SEMI_COLUMNS = ("top-1", "top-5")
 REPORTED_FILE = Path(__file__).resolve().with_name("reported_results.csv")
 # published numbers are for real VOC/COCO/ImageNet/CIFAR: not shown beside the synthetic corpus
 SYNTHETIC = re.compile(r"shapes|objects|synthetic|demo|bench", re.I)
@@ -38,7 +43,7 @@ STD_NOTE = ("Mean ± sample std (ddof=1) over seeds, n = number of seeds; n=1 sh
 class Run:
     """One pretraining or detection output directory, as read from its files."""
     path: Path
-    kind: str                      # "pretrain" or "detection"
+    kind: str                      # "pretrain", "detection" or "classification"
     backbone: str
     task: str
     seed: "int | None" = None
@@ -205,6 +210,8 @@ def _seed(recorded, from_dir):
 def columns_for(kind, task, with_slr=True):
     if kind == "pretrain":
         return PRETRAIN_COLUMNS + (SLR_COLUMNS if with_slr else ())
+    if kind == "classification":
+        return dict(zip(contract.SVM_TASKS, (SVM_COLUMNS, LOWSHOT_COLUMNS))).get(task, SEMI_COLUMNS)
     return COCO_COLUMNS if "coco" in task.lower() else VOC_COLUMNS
 
 
@@ -240,6 +247,30 @@ def read_detection_run(d):
             it, newest = (its[-1] if its else "?"), d / contract.D2_METRICS
         run.problem = f"unfinished: no final_metrics.json (last iter {it}, written {age(newest)})"
     return run
+
+
+def read_classification_runs(d, done):
+    """The runs of a pretrain.svm (svm_metrics.json) or pretrain.semisup (semisup_metrics.json) folder:
+    one, or for voc07_lowshot one per independent sample (the table's n; with pretraining seeds,
+    samples x seeds). Backbone and task as the file records them, else from the folder
+    (ROOT/<b>/<task>/seed<k>)."""
+    rec = read_json(d / done)
+    layout_backbone, layout_task, seed = contract.fine_tune_run(d)
+    backbone, task = str(rec.get("backbone") or layout_backbone), str(rec.get("task") or layout_task)
+    make = lambda metrics, s=seed: Run(d, "classification", backbone, task, s, metrics)  # noqa: E731
+    if isinstance(rec.get("low_shot"), dict):
+        per_k = {k: v.get("mAP") for k, v in rec["low_shot"].items() if isinstance(v, dict)}
+        samples = max((len(v) for v in per_k.values() if isinstance(v, list)), default=0)
+        runs = [make({k: v[i] for k, v in per_k.items() if isinstance(v, list) and i < len(v)}) for i in range(samples)]
+    elif done == contract.SEMI_METRICS:
+        runs = [make({"top-1": rec.get("top1"), "top-5": rec.get("top5")}, _seed(rec.get("seed"), seed))]
+    else:
+        runs = [make({"mAP": rec.get("mAP")})]
+    runs = runs or [make({})]
+    for run in runs:
+        if not any(_finite(v) for v in run.metrics.values()):
+            run.problem = f"failed: {done} holds no finite metric"
+    return runs
 
 
 def random_init_run(lin_dir, lm, pretrain_runs, random_runs):
@@ -311,6 +342,9 @@ def find_runs(paths):
             try:
                 if contract.PROBE_METRICS in files:
                     linear_dirs.append(d)
+                elif files & {contract.SVM_METRICS, contract.SEMI_METRICS}:
+                    done = contract.SVM_METRICS if contract.SVM_METRICS in files else contract.SEMI_METRICS
+                    runs += read_classification_runs(d, done)
                 elif contract.FINE_TUNE_DONE in files:
                     runs.append(read_detection_run(d))
                 elif contract.CONFIG in files and is_pretrain_dir(d, files):
@@ -386,9 +420,12 @@ def build_sections(runs, reported, mode="match"):
     """Sections of the table: (kind, task, columns, rows); a row is (label, source, {column: cell})
     with cell = (mean, std, n) for measured rows and (value, None, None) for reported ones."""
     sections, used = [], set()
-    # pretraining sections first, then detection, each by task name
-    for (kind, task), groups in sorted(aggregate(runs).items(), key=lambda kv: (kv[0][0] != "pretrain", kv[0])):
+    # pretraining sections first, then detection, then classification transfer, each by task name
+    order = {"pretrain": 0, "detection": 1}
+    for (kind, task), groups in sorted(aggregate(runs).items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0])):
         columns = columns_for(kind, task, with_slr=any(SLR_COLUMNS[0] in cells for cells in groups.values()))
+        if kind == "classification":  # a low-shot sweep may stop short of k=96
+            columns = tuple(c for c in columns if any(c in cells for cells in groups.values())) or columns
         rows = [(b, "measured", cells) for b, cells in sorted(groups.items())]
         for keyword, entries in reported.items():
             if mode == "match" and keyword in task.lower() and not SYNTHETIC.search(task) \

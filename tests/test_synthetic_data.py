@@ -229,7 +229,8 @@ def test_imagefolder_layout_alone_holds_the_same_images_and_no_other_layout(corp
     image for image the full corpus's."""
     out = make_corpus(tmp_path / "if", seed=0, num_train=NUM_TRAIN, num_test=NUM_TEST, size=SIZE,
                       layouts=["imagefolder"])
-    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "imagefolder"]
+    # the semi-supervised subset lists name ImageFolder images: they come with it
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "imagefolder", "subsets"]
     full = sorted((corpus / "imagefolder").rglob("*.jpg"))
     alone = sorted((out / "imagefolder").rglob("*.jpg"))
     assert [p.relative_to(corpus) for p in full] == [p.relative_to(out) for p in alone]
