@@ -437,14 +437,14 @@ def paired_comparisons(runs, baselines):
 
 # ---------------------------------------------------------------- provenance
 def provenance_footnote(runs):
-    """One line: the suite commit(s) the complete runs were made with, and how many have no record."""
+    """One line: the suite commit(s) of the complete runs' records (their probes' included), and how
+    many complete runs have none."""
     done = [r for r in runs if not r.problem]
     commits, missing = {}, 0
     for r in done:
-        own = [p for p in r.provenance if p.get("kind") != "probe"] or r.provenance
-        if not own:
+        if not r.provenance:
             missing += 1
-        for p in own:
+        for p in r.provenance:  # the run's own and its probes
             label = provenance.short(p.get("suite_commit")) + (" (dirty)" if p.get("suite_dirty") else "")
             commits[label] = commits.get(label, 0) + 1
     parts = [f"suite commit {c} ({n} record{'s' * (n != 1)})" for c, n in sorted(commits.items())]
