@@ -108,3 +108,16 @@ def test_table_prints_provenance_and_exports_carry_the_commit(demo_run):
             assert rows[-1]["source"] == "footnote" and provenance.short(commit) in rows[-1]["note"]
         else:
             assert last in exported.splitlines()[-1]
+
+
+def test_a_weights_file_finds_its_pretraining_config_through_the_layout(tmp_path):
+    layout = contract.Layout(tmp_path)
+    for seed in (None, 2):
+        config = layout.pretrain_dir("b", seed) / contract.CONFIG
+        config.parent.mkdir(parents=True)
+        config.write_text("seed: 0\n")
+        assert contract.pretrain_config_of_weights(layout.weights("b", seed)) == config.resolve()
+        assert contract.pretrain_config_of_weights(config.parent / contract.CHECKPOINT) == config.resolve()
+    assert contract.pretrain_config_of_weights(layout.weights("other")) is None   # no such run
+    assert contract.pretrain_config_of_weights(tmp_path / "moco_v2_800ep.pkl") is None  # from elsewhere
+    assert contract.pretrain_config_of_weights("") is None                      # random init
