@@ -178,11 +178,12 @@ def write_provenance(cfg, wall_time_s, resumed):
     """OUTPUT_DIR/provenance.json (suite/provenance.py) from the config the run used; the weights
     it read are MODEL.WEIGHTS, the pretraining config the one the run layout gives them."""
     on_cuda = str(cfg.MODEL.DEVICE).startswith("cuda")
-    weights = cfg.MODEL.WEIGHTS if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS else None
+    weights = cfg.MODEL.WEIGHTS or None  # a URL is recorded, not hashed (no file)
     provenance.write(cfg.OUTPUT_DIR, provenance.build(
         "fine-tune", provenance.detection_schedule(yaml.safe_load(cfg.dump())),
         gpu_count=comm.get_world_size() if on_cuda else 0, weights=weights,
-        pretrain_config=contract.pretrain_config_of_weights(weights), wall_time_s=wall_time_s,
+        pretrain_config=None if "://" in str(weights) else contract.pretrain_config_of_weights(weights),
+        wall_time_s=wall_time_s,
         resumed=resumed))
 
 
