@@ -58,7 +58,8 @@ def _git(*args):
 def suite_commit():
     """(commit, dirty) of the checkout this code runs from; (None, None) outside a git checkout.
     Dirty: a tracked file differs from the commit (untracked outputs such as runs/ do not count)."""
-    head = _git("rev-parse", "HEAD")
+    top = _git("rev-parse", "--show-toplevel")  # the suite's own checkout, not one that holds a venv
+    head = _git("rev-parse", "HEAD") if top and Path(top.strip()).resolve() == REPO else None
     if not head:
         return None, None
     status = _git("status", "--porcelain", "--untracked-files=no")
