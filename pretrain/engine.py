@@ -3,10 +3,12 @@ resume, metrics (train loss, kNN, SLR label quality) and done.json at the end.""
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import utils
@@ -16,7 +18,7 @@ from pretrain.data import SkippedImages
 from pretrain.gpu_augment import gpu_batches
 from pretrain.losses import mu_schedule
 from pretrain.model import build_model
-from suite import contract
+from suite import contract, provenance
 
 STAT_KEYS = ("loss", "loss_vanilla", "loss_mm", "inst_top1")
 QUALITY_KEYS = ("slr_same_class_mass", "onehot_same_class_mass", "slr_other_same_class_mass",
@@ -129,6 +131,7 @@ def configure_determinism(cfg):
 
 def train(cfg):
     """Run (or resume) the pretraining described by `cfg` in cfg.output_dir."""
+    started = time.time()
     rank, world, device = utils.init_distributed(cfg.device)
     out = Path(cfg.output_dir or "output/pretrain")
     accepted, saved_config = [], out / contract.CONFIG
@@ -274,6 +277,11 @@ def train(cfg):
             checkpoint(out / contract.snapshot(done_epochs))
     finish(progress, metrics)
     if rank == 0:
+        # the record of what made the run (suite/provenance.py), then the done marker
+        provenance.write(out, provenance.build(
+            "pretrain", provenance.pretrain_schedule(yaml.safe_load(saved_config.read_text())),
+            gpu_count=world if on_cuda else 0, weights=ckpt_path, pretrain_config=saved_config,
+            wall_time_s=time.time() - started, resumed=ckpt is not None))
         contract.write_json(contract.done_file("pretrain", out), {
             "method": cfg.method, "switches": switches(cfg), "arch": cfg.model.arch,
             "stem": cfg.model.stem, "epochs": cfg.epochs, "iters": it, "knn_top1": last_knn,

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pretrain.model import STEMS, build_backbone
 from pretrain.safe_load import WeightsFileError
 from pretrain.utils import MetricLogger, UserError, cosine_lr, seed_all
 from pretrain.weights import BackboneError, backbone_stem, read_backbone
-from suite import contract
+from suite import contract, provenance
 
 # The paper's protocols (method.md). Features are extracted once with the test transform and
 # cached, except for `augment` presets, whose train features are re-extracted every epoch from
@@ -280,6 +281,7 @@ def run_probe(args):
     """Extract frozen features, train the linear classifier, write linear_metrics.json; for the
     top-1 presets also the kNN top-1 of the same frozen features (test transform, L2-normalised,
     the monitor's k and t), so a random-init backbone and a pretrained one are measured alike."""
+    started = time.time()
     cfg = dict(PRESETS[args.preset])
     cfg.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "image_size")
                 if getattr(args, k) is not None})
@@ -358,6 +360,11 @@ def run_probe(args):
                    contract.PROBE_RANDOM_INIT: bool(args.random_init)},
                   arch=info["arch"], stem=info["stem"],
                   data=str(args.data), data_format=fmt, epochs=cfg["epochs"], seed=args.seed)
+    weights = None if args.random_init else args.checkpoint
+    provenance.write(out_dir, provenance.build(  # suite/provenance.py; then the done marker
+        "probe", provenance.probe_schedule(json.loads((out_dir / contract.PROBE_CONFIG).read_text())),
+        gpu_count=int(device.type == "cuda"), weights=weights,
+        pretrain_config=contract.pretrain_config_of_weights(weights), wall_time_s=time.time() - started))
     contract.write_json(contract.done_file("probe", out_dir), result)
     return result
 

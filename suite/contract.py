@@ -73,6 +73,8 @@ D2_METRICS = "metrics.json"          # Detectron2's JSONWriter
 D2_LAST_CHECKPOINT = "last_checkpoint"
 D2_SNAPSHOT = re.compile(r"^model_(\d+|final)\.pth$")
 RESULTS = "results.md"
+RESULTS_RECORDS = "results.jsonl"    # beside the table: one record per run, its provenance included
+PROVENANCE = "provenance.json"       # every run (pretraining, probe, fine-tune): suite/provenance.py
 CORPUS_RECORD = "corpus.json"        # the synthetic corpus: generator arguments and class list
 JOBS = "jobs.json"                   # slurm/submit.py: the job of each stage
 CORPUS_IMAGEFOLDER = "imagefolder"   # a corpus's ImageFolder root (pretraining's data.root)
@@ -205,6 +207,26 @@ def backbone_of_weights(weights):
         return RANDOM_INIT
     p = Path(weights)
     return p.parent.name if folder_seed(p.stem) is not None else p.stem
+
+
+def pretrain_config_of_weights(weights):
+    """The config.yaml of the pretraining run a weights file came from, or None: a pretraining
+    checkpoint's own folder (<run>/checkpoint.pth, what a probe reads), or through the layout, OUT/weights/<unit>.pkl
+    -> OUT/pretrain/<unit>/config.yaml (what a fine-tune reads); None for weights from elsewhere."""
+    if not str(weights or ""):
+        return None
+    p = Path(weights).resolve()
+    if p.name in (CHECKPOINT, PREVIOUS_CHECKPOINT) or SNAPSHOT.match(p.name):  # <run>/checkpoint.pth
+        found = p.parent / CONFIG
+    elif p.suffix != ".pkl":                                      # any other file: not a run's
+        return None
+    elif p.parent.name == "weights":                              # OUT/weights/<b>.pkl
+        found = p.parent.parent / "pretrain" / p.stem / CONFIG
+    elif p.parent.parent.name == "weights":                       # OUT/weights/<b>/seed<k>.pkl
+        found = p.parent.parent.parent / "pretrain" / p.parent.name / p.stem / CONFIG
+    else:
+        return None
+    return found if found.is_file() else None
 
 
 # ---------------------------------------------------------------- the synthetic corpus

@@ -1,7 +1,9 @@
 """Results table: mean ± sample std over seeds of every pretraining and detection run, grouped by
 (backbone, task), beside the reported rows of suite/reported_results.csv; incomplete runs are listed.
-Runs are found by their files and folders as suite.contract names them. Command:
-tools/results_table.py."""
+Runs are found by their files and folders as suite.contract names them. Each section also pairs
+every backbone with a baseline over the seeds both ran (suite/stats.py), a footnote names the suite
+commit(s) of the runs' provenance records (suite/provenance.py), and `--out` writes results.jsonl
+(one record per run) beside the table. Command: tools/results_table.py."""
 import argparse
 import csv
 import io
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from suite import contract
+from suite import contract, provenance, stats
 
 PRETRAIN_COLUMNS = ("kNN top-1", "linear top-1", "VOC07 cls mAP")
 # SLR's label quality at the end of a run (docs/label_quality.md): the % of the mass SLR moves off
@@ -51,6 +53,8 @@ class Run:
     records: list = field(default_factory=list)   # metrics.jsonl of a pretraining run
     problem: str = ""              # "" when complete, else "unfinished: ..." / "failed: ..."
     method: str = ""               # pretraining: the method and its resolved switches (a note)
+    method_name: str = ""          # pretraining: the resolved method alone (mocov2, sane, ...)
+    provenance: list = field(default_factory=list)  # provenance.json records (+ "path"): run, probes
 
 
 # ---------------------------------------------------------------- readers (shared with plots)
@@ -164,6 +168,8 @@ def read_pretrain_run(d):
     seed = cfg.get("seed", where.seed)
     run = Run(d, "pretrain", where.backbone, pretrain_task(cfg), seed)
     run.method = method_label(cfg.get("method"), config_switches(cfg))
+    run.method_name = str(cfg.get("method") or "")
+    _put_provenance(run, d)
     # a run that died before its first log step has no metrics.jsonl yet
     metrics = d / contract.METRICS
     run.records = read_jsonl(metrics) if metrics.exists() else []
@@ -179,6 +185,7 @@ def read_pretrain_run(d):
     done = read_json(d / contract.PRETRAIN_DONE)
     if isinstance(done.get("switches"), dict):  # what the run recorded it ran
         run.method = method_label(done.get("method"), done["switches"])
+        run.method_name = str(done.get("method") or run.method_name)
     top1 = done.get("knn_top1")
     top1 = top1 if _finite(top1) else (knn[-1] if knn else None)
     if top1 is not None:
@@ -223,6 +230,7 @@ def read_detection_run(d):
                   str(fm.get("task") or layout_task), _seed(fm.get("seed"), seed))
         results = fm.get("results")
         run.metrics = detection_metrics(results) if isinstance(results, dict) else {}
+        _put_provenance(run, d)
         # train_net writes NaN as null; either in a shown column (or none shown) = failed
         shown = [run.metrics[c] for c in columns_for("detection", run.task) if c in run.metrics]
         if not shown or not all(_finite(v) for v in shown):
@@ -312,7 +320,14 @@ def attach_linear(lin_dir, pretrain_runs, problems, random_runs=None):
     _put_probe(run, lm, lin_dir, problems)
 
 
+def _put_provenance(run, d):
+    record = provenance.read(d)
+    if record is not None:
+        run.provenance.append({**record, "path": str(d)})
+
+
 def _put_probe(run, lm, lin_dir, problems):
+    _put_provenance(run, lin_dir)
     if _finite(lm.get("knn_top1")):
         run.metrics["kNN top-1"] = float(lm["knn_top1"])
     if lm.get("preset") == "voc07" or "mAP" in lm:
@@ -406,6 +421,107 @@ def aggregate(runs):
             for key, groups in table.items()}
 
 
+# ---------------------------------------------------------------- paired comparisons
+MOCOV2 = "mocov2"
+MOCOV2_NAME = re.compile(r"moco_?v2", re.I)
+
+
+def seed_values(runs):
+    """{(kind, task): {backbone: {column: {seed: value}}}} of the complete measured runs with a seed
+    (reported rows are no runs: they are never paired)."""
+    out = {}
+    for r in runs:
+        if r.problem or r.seed is None:
+            continue
+        cols = out.setdefault((r.kind, r.task), {}).setdefault(r.backbone, {})
+        for column in columns_for(r.kind, r.task):
+            if _finite(r.metrics.get(column)):
+                cols.setdefault(column, {})[r.seed] = float(r.metrics[column])
+    return out
+
+
+def default_baseline(runs):
+    """The MoCo v2 row: the backbone whose pretraining resolved to method mocov2 (the first by name
+    if several), else one named like mocov2 / moco_v2 (a table over fine-tunes alone), else None."""
+    named = sorted({r.backbone for r in runs if r.kind == "pretrain" and r.method_name == MOCOV2})
+    named = named or sorted({r.backbone for r in runs if MOCOV2_NAME.search(r.backbone)})
+    return named[0] if named else None
+
+
+def paired_comparisons(runs, baselines):
+    """{(kind, task): [(baseline, [(backbone, {column: stats.Paired})])]}: every other backbone of a
+    section against each baseline that section has, over the seeds both ran."""
+    out = {}
+    for key, groups in seed_values(runs).items():
+        for base in baselines:
+            if base not in groups:
+                continue
+            rows = []
+            for backbone, cols in sorted(groups.items()):
+                if backbone == base:
+                    continue
+                cells = {c: stats.paired_difference(v, groups[base].get(c, {})) for c, v in cols.items()}
+                cells = {c: p for c, p in cells.items() if p is not None}
+                if cells:
+                    rows.append((backbone, cells))
+            if rows:
+                out.setdefault(key, []).append((base, rows))
+    return out
+
+
+# ---------------------------------------------------------------- provenance
+def provenance_footnote(runs):
+    """One line: the suite commit(s) of the complete runs' records (their probes' included), and how
+    many complete runs have none."""
+    done = [r for r in runs if not r.problem]
+    commits, missing = {}, 0
+    for r in done:
+        if not r.provenance:
+            missing += 1
+        for p in r.provenance:  # the run's own and its probes
+            label = provenance.short(p.get("suite_commit")) + (" (dirty)" if p.get("suite_dirty") else "")
+            commits[label] = commits.get(label, 0) + 1
+    parts = [f"suite commit {c} ({n} record{'s' * (n != 1)})" for c, n in sorted(commits.items())]
+    text = "Provenance: " + ("; ".join(parts) if parts else "no provenance records")
+    return text + (f"; {missing} complete run{'s' * (missing != 1)} without a record" if missing else "")
+
+
+PROVENANCE_COLUMNS = ("Run", "Kind", "Seed", "Commit", "torch / torchvision / Detectron2", "GPUs",
+                      "Batch", "LR", "Schedule", "Numerics", "Weights SHA-256", "Pretrain config SHA-256",
+                      "Wall (s)")
+
+
+def _schedule_text(s):
+    if not isinstance(s, dict):
+        return "—"
+    if "max_iter" in s:
+        return f"{s.get('name')} steps {s.get('steps')} max_iter {s.get('max_iter')} warmup {s.get('warmup_iters')}"
+    return f"{s.get('name')} {s.get('epochs')} ep" + (f" warmup {s['warmup_epochs']} ep" if s.get("warmup_epochs") else "")
+
+
+def provenance_rows(runs):
+    """(cells of PROVENANCE_COLUMNS) for every record of every run, in path order."""
+    rows = []
+    for p in sorted((p for r in runs for p in r.provenance), key=lambda p: p["path"]):
+        v = p.get("versions") or {}
+        commit = provenance.short(p.get("suite_commit")) + ("+dirty" if p.get("suite_dirty") else "")
+        rows.append((p["path"], str(p.get("kind")), str(p.get("seed")), commit,
+                     " / ".join(str(v.get(k) or "—") for k in ("torch", "torchvision", "detectron2")),
+                     f"{p.get('gpu_count', 0)} x {p['gpu_model']}" if p.get("gpu_count") else "CPU",
+                     str(p.get("batch_size")), f"{p['lr']:g}" if _finite(p.get("lr")) else "—",
+                     _schedule_text(p.get("schedule")), str(p.get("numerics")),
+                     provenance.short(p.get("weights_sha256")), provenance.short(p.get("pretrain_config_sha256")),
+                     f"{p['wall_time_s']:.0f}" if _finite(p.get("wall_time_s")) else "—"))
+    return rows
+
+
+def run_records(runs):
+    """results.jsonl: one record per run (and its probes' provenance), what each row is built from."""
+    return [{"kind": r.kind, "task": r.task, "backbone": r.backbone, "seed": r.seed, "path": str(r.path),
+             "metrics": r.metrics, "problem": r.problem, "method": r.method_name or None,
+             "provenance": r.provenance} for r in sorted(runs, key=lambda r: str(r.path))]
+
+
 def read_reported(path=REPORTED_FILE):
     """{task keyword: [(method, source, {column: value})]} in file order."""
     rows = {}
@@ -472,8 +588,12 @@ def format_cell(cell, pm="±", empty="—"):
     return f"{mean:.1f} {pm} {std:.1f} (n={n})" if std is not None else f"{mean:.1f} (n={n})"
 
 
-def render_markdown(sections, incomplete, notes=None):
-    out = [f"_{STD_NOTE}_", ""]
+def _paired_blocks(paired, kind, task):
+    return (paired or {}).get((kind, task), [])
+
+
+def render_markdown(sections, incomplete, notes=None, paired=None, footnote=None, provenance_table=None):
+    out = [f"_{STD_NOTE}_", ""] + ([f"_{stats.NOTE}_", ""] if paired else [])
     for kind, task, columns, rows in sections:
         out += [f"### {task} ({kind})", "", "| Backbone | " + " | ".join(columns) + " | Source |",
                 "|---" * (len(columns) + 2) + "|"]
@@ -481,9 +601,20 @@ def render_markdown(sections, incomplete, notes=None):
                 for label, source, cells in rows]
         note = _note_line(notes, kind, task)
         out += ["", note] if note else []
+        for base, prows in _paired_blocks(paired, kind, task):
+            out += ["", f"Paired difference vs {base} (mean [95% t-interval], seed-matched):", "",
+                    "| Backbone | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+            out += ["| " + " | ".join([b] + [stats.format_paired(cells.get(c)) for c in columns]) + " |"
+                    for b, cells in prows]
         out.append("")
     out.append("Incomplete runs:" if incomplete else "Incomplete runs: none")
     out += [f"- {path} — {reason}" for path, reason in incomplete]
+    if footnote:
+        out += ["", footnote]
+    if provenance_table is not None:
+        out += ["", "### Provenance", "", "| " + " | ".join(PROVENANCE_COLUMNS) + " |",
+                "|---" * len(PROVENANCE_COLUMNS) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in provenance_table]
     return "\n".join(out) + "\n"
 
 
@@ -491,22 +622,31 @@ def _tex(s):
     return re.sub(r"([_&%#$])", r"\\\1", str(s))
 
 
-def render_latex(sections, incomplete, notes=None):
-    out = [f"% {STD_NOTE}"]
+def render_latex(sections, incomplete, notes=None, paired=None, footnote=None, provenance_table=None):
+    out = [f"% {STD_NOTE}"] + ([f"% {stats.NOTE}"] if paired else [])
     for kind, task, columns, rows in sections:
         out += [r"\begin{tabular}{l" + "c" * len(columns) + "l}", r"\toprule",
                 rf"\multicolumn{{{len(columns) + 2}}}{{l}}{{{_tex(task)} ({kind})}} \\", r"\midrule",
                 " & ".join(["Backbone"] + [_tex(c) for c in columns] + ["Source"]) + r" \\", r"\midrule"]
         out += [" & ".join([_tex(label)] + [format_cell(cells.get(c), r"$\pm$", "--") for c in columns]
                            + [_tex(source)]) + r" \\" for label, source, cells in rows]
+        for base, prows in _paired_blocks(paired, kind, task):
+            out += [r"\midrule", rf"\multicolumn{{{len(columns) + 2}}}{{l}}{{paired vs {_tex(base)}: "
+                                  r"mean [95\% $t$-interval]}} \\"]
+            out += [" & ".join([_tex(b)] + [stats.format_paired(cells.get(c), empty="--") for c in columns]
+                               + [""]) + r" \\" for b, cells in prows]
         note = _note_line(notes, kind, task)
         out += [r"\bottomrule", r"\end{tabular}"] + ([f"% {note}"] if note else []) + [""]
     out.append("% Incomplete runs:" if incomplete else "% Incomplete runs: none")
     out += [f"% {path} — {reason}" for path, reason in incomplete]
+    if footnote:  # printed under the tables, not a comment: the commit travels with the numbers
+        out += ["", r"\noindent{\footnotesize " + _tex(footnote) + "}"]
+    if provenance_table is not None:
+        out += [f"% provenance: {' | '.join(row)}" for row in provenance_table]
     return "\n".join(out) + "\n"
 
 
-def render_csv(sections, incomplete, notes=None):
+def render_csv(sections, incomplete, notes=None, paired=None, footnote=None, provenance_table=None):
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["kind", "task", "backbone", "source", "metric", "mean", "std", "n", "note"])
@@ -520,8 +660,21 @@ def render_csv(sections, incomplete, notes=None):
                     mean, std, n = cells[c]
                     w.writerow([kind, task, label, source, c, repr(mean),
                                 "" if std is None else repr(std), "" if n is None else n, ""])
+        for base, prows in _paired_blocks(paired, kind, task):
+            for b, cells in prows:
+                for c in columns:
+                    if c in cells:
+                        p = cells[c]
+                        note = "" if p.low is None else (f"95% t-interval [{p.low!r}, {p.high!r}]"
+                                                         + ("; excludes 0" if p.excludes_zero else ""))
+                        w.writerow([kind, task, b, f"paired vs {base}", c, repr(p.mean),
+                                    "" if p.std is None else repr(p.std), p.n, note])
     for path, reason in incomplete:
         w.writerow(["", "", "", "incomplete", "", "", "", "", f"{path} — {reason}"])
+    for row in provenance_table or ():
+        w.writerow(["", "", "", "provenance", "", "", "", "", " | ".join(row)])
+    if footnote:
+        w.writerow(["", "", "", "footnote", "", "", "", "", footnote])
     return buf.getvalue()
 
 
@@ -556,6 +709,12 @@ def main(argv=None):
     parser.add_argument("--out", help="write here (atomically) instead of stdout")
     parser.add_argument("--reported", choices=("match", "all", "none"), default="match",
                         help="reported rows: only beside matching tasks (default), all, or none")
+    parser.add_argument("--baseline", nargs="+", metavar="NAME",
+                        help="backbones every other one is paired against (seed-matched difference, "
+                             "95%% t-interval); default: the MoCo v2 row (method mocov2) when present")
+    parser.add_argument("--provenance", action="store_true",
+                        help="print every run's provenance record (commit, versions, GPUs, batch, lr, "
+                             "schedule, numerics, hashes, wall time) beside the table")
     args = parser.parse_args(argv)
     if not_a_directory(args.run_dirs, "results_table"):
         return 2
@@ -564,10 +723,20 @@ def main(argv=None):
         print(f"results_table: no pretraining or detection runs found under {' '.join(args.run_dirs)}; "
               f"see docs/formats.md for the files a run writes", file=sys.stderr)
         return 2
-    text = RENDERERS[args.format](sections, incomplete, method_notes(runs))
+    baselines = args.baseline or [b for b in [default_baseline(runs)] if b]
+    measured = {r.backbone for r in runs}
+    for name in set(baselines) - measured:
+        print(f"results_table: --baseline {name}: no measured row of that name (rows: "
+              f"{', '.join(sorted(measured))}); not paired", file=sys.stderr)
+    text = RENDERERS[args.format](sections, incomplete, method_notes(runs),
+                                  paired=paired_comparisons(runs, baselines), footnote=provenance_footnote(runs),
+                                  provenance_table=provenance_rows(runs) if args.provenance else None)
     if args.out:
         try:
             contract.write_text(args.out, text)  # a reader never sees half a table
+            # what the table is built from, one record per run with its provenance, beside it
+            records = Path(args.out).with_name(contract.RESULTS_RECORDS)
+            contract.write_text(records, "".join(json.dumps(r) + "\n" for r in run_records(runs)))
         except OSError as e:
             print(f"results_table: --out {args.out} cannot be written ({e.strerror or e}); pass a "
                   "path in a writable folder", file=sys.stderr)

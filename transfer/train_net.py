@@ -10,7 +10,10 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
+
+import yaml
 
 import detectron2.utils.comm as comm
 from detectron2.config import CfgNode as CN
@@ -19,7 +22,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
 
-from suite import contract
+from suite import contract, provenance
 from transfer import datasets, roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load
 
@@ -151,6 +154,7 @@ def main(args):
 
 
 def run(cfg, args):
+    started, used, resumed = time.time(), cfg, False
     if args.eval_only:
         model = Trainer.build_model(cfg)
         ckpt = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -159,12 +163,28 @@ def run(cfg, args):
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
+        resumed = trainer.start_iter > 0
         trainer.train()
-        results, iteration = getattr(trainer, "_last_eval_results", None), trainer.iter
+        # the config it trained with: what auto_scale_workers (or any scaling) made of cfg
+        results, iteration, used = getattr(trainer, "_last_eval_results", None), trainer.iter, trainer.cfg
     if comm.is_main_process() and results:
         verify_results(cfg, results)  # checks TEST.EXPECTED_RESULTS when set
+        write_provenance(used, time.time() - started, resumed)
         write_final_metrics(cfg, args, results, iteration)
     return results
+
+
+def write_provenance(cfg, wall_time_s, resumed):
+    """OUTPUT_DIR/provenance.json (suite/provenance.py) from the config the run used; the weights
+    it read are MODEL.WEIGHTS, the pretraining config the one the run layout gives them."""
+    on_cuda = str(cfg.MODEL.DEVICE).startswith("cuda")
+    weights = cfg.MODEL.WEIGHTS or None  # a URL is recorded, not hashed (no file)
+    provenance.write(cfg.OUTPUT_DIR, provenance.build(
+        "fine-tune", provenance.detection_schedule(yaml.safe_load(cfg.dump())),
+        gpu_count=comm.get_world_size() if on_cuda else 0, weights=weights,
+        pretrain_config=None if "://" in str(weights) else contract.pretrain_config_of_weights(weights),
+        wall_time_s=wall_time_s,
+        resumed=resumed))
 
 
 def check_inputs(args):
