@@ -165,12 +165,17 @@ def check_stage_overrides(args):
             except UserError as e:
                 raise UsageError(f"pretraining overrides {shlex.join(pre) or '(none)'}: {e}") from None
     if args.command in ("transfer", "pipeline"):
-        from transfer.train_net import load_config
+        from transfer.train_net import ScalingError, load_config
 
         configs = args.config_file if args.command == "transfer" else [*args.voc_config, *args.coco_config]
+        # the processes each fine-tune runs (a CPU job: one): its config is scaled to them
+        nodes = args.transfer_nodes if args.command == "pipeline" else args.nodes
+        shape = dict(num_gpus=max(1, args.gpus_per_node), num_machines=nodes)
         for c in configs:
             try:
-                load_config(argparse.Namespace(config_file=c, opts=list(det)))
+                load_config(argparse.Namespace(config_file=c, opts=list(det), **shape))
+            except ScalingError as e:
+                raise UsageError(f"{c} on {shape['num_gpus']} GPU(s) x {nodes} node(s): {e}") from None
             except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type, odd list
                 raise UsageError(f"{c}: Detectron2 overrides {shlex.join(det) or '(none)'} do not "
                                  f"apply ({e}); use KEY VALUE pairs of detectron2/config/defaults.py") from None
