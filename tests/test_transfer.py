@@ -132,6 +132,8 @@ def test_every_config_parses_and_builds_a_model(name):
     assert cfg.MODEL.PIXEL_STD == [58.395, 57.120, 57.375]
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.TRANSFER.BACKBONE_NAME == ""
     assert not cfg.SOLVER.AMP.ENABLED  # switched off on CPU
+    assert cfg.TRANSFER.NUMERICS == "fast"  # each says so (but the bench's, frozen while it is measured)
+    assert name.startswith("bench_") or "Numerics" in (CONFIGS / name).read_text()
     if name in PROTOCOL:
         assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == PROTOCOL[name]
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
@@ -196,6 +198,32 @@ def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsy
         assert tn.cli(["--config-file", voc, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {voc}: SOLVER.IMS_PER_BATCH"), err
+
+
+def test_reference_numerics_preset_runs_fp32_without_tf32_and_is_saved(tmp_path, capsys):
+    import yaml
+
+    from transfer import train_net as tn
+
+    voc = str(CONFIGS / "voc_R_50_C4_24k.yaml")
+    parse = lambda *opts: tn.argument_parser().parse_args(["--config-file", voc, "--num-gpus", "8", *opts])  # noqa: E731
+    assert tn.load_config(parse()).SOLVER.AMP.ENABLED  # fast, on CUDA: AMP, as the config says
+    args = parse("TRANSFER.NUMERICS", "reference", "OUTPUT_DIR", str(tmp_path))
+    assert not tn.load_config(args).SOLVER.AMP.ENABLED  # reference: fp32 on CUDA too
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        cfg = tn.setup(args)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())  # provenance reads the preset here
+    assert saved["TRANSFER"]["NUMERICS"] == "reference" and saved["SOLVER"]["AMP"]["ENABLED"] is False
+    assert cfg.TRANSFER.NUMERICS == "reference"
+    assert "numerics reference: AMP off, TF32 matmul False, cudnn False" in (tmp_path / "log.txt").read_text()
+    assert tn.cli(["--config-file", voc, "TRANSFER.NUMERICS", "exact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TRANSFER.NUMERICS 'exact': use fast (AMP) or reference" in err[0]
 
 
 def test_shapes_registered_with_corpus_classes(corpus):

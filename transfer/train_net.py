@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -81,13 +82,39 @@ class Trainer(DefaultTrainer):
 
 def add_transfer_config(cfg):
     """TRANSFER.BACKBONE_NAME: the name results are filed under (default: backbone_name).
+    TRANSFER.NUMERICS: the numerics preset (NUMERICS).
     Written by the run (what it did, in OUTPUT_DIR/config.yaml): TRANSFER.WORLD_SIZE, the processes
     (GPUs) that trained; TRANSFER.SCALED_FROM, the SOLVER.REFERENCE_WORLD_SIZE the solver values
     were scaled from (0: used as written)."""
     cfg.TRANSFER = CN()
     cfg.TRANSFER.BACKBONE_NAME = ""
+    cfg.TRANSFER.NUMERICS = "fast"  # NUMERICS: fast | reference
     cfg.TRANSFER.WORLD_SIZE = 0
     cfg.TRANSFER.SCALED_FROM = 0
+
+
+# Numerics presets. fast: AMP as SOLVER.AMP.ENABLED says (on in the protocol configs; Detectron2's
+# fp16 AMPTrainer, CUDA only), PyTorch's TF32 defaults. reference: MoCo's released detection configs,
+# fp32: AMP forced off and TF32 off for matmuls and convolutions (they ran on V100s, without TF32).
+NUMERICS = ("fast", "reference")
+
+
+def apply_numerics(cfg):
+    """The preset's AMP switch in cfg (TF32 is per process: set_tf32)."""
+    if cfg.TRANSFER.NUMERICS not in NUMERICS:
+        raise ValueError(f"TRANSFER.NUMERICS {cfg.TRANSFER.NUMERICS!r}: use fast (AMP) or reference "
+                         "(fp32, TF32 off: MoCo's released configs)")
+    if cfg.TRANSFER.NUMERICS == "reference":
+        cfg.SOLVER.AMP.ENABLED = False
+
+
+def set_tf32(cfg):
+    """TF32 off in this process for the reference preset; fast keeps PyTorch's defaults."""
+    if cfg.TRANSFER.NUMERICS == "reference":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return (f"numerics {cfg.TRANSFER.NUMERICS}: AMP {'on' if cfg.SOLVER.AMP.ENABLED else 'off'}, TF32 "
+            f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
 
 
 def world_size(args):
@@ -142,6 +169,7 @@ def load_config(args, scale=True):
     add_transfer_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    apply_numerics(cfg)
     if cfg.MODEL.DEVICE == "cpu":
         cfg.SOLVER.AMP.ENABLED = False  # Detectron2's AMPTrainer needs CUDA
     return scale_to_world(cfg, world_size(args)) if scale else cfg
@@ -154,6 +182,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)  # logger, config.yaml in OUTPUT_DIR, seed_all_rng(SEED + rank)
     logger.info(scaling_note(written, cfg))
+    logger.info(set_tf32(cfg))
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("MODEL.DEVICE cpu: AMP off")
     if comm.get_world_size() == 1:
