@@ -188,7 +188,7 @@ def test_gpu_scaling_rule_gives_the_documented_values_and_config_yaml_records_th
         (tmp_path / "log.txt").read_text()
 
 
-def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsys):
+def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsys, corpus, tmp_path, monkeypatch):
     from transfer import train_net as tn
 
     voc = str(CONFIGS / "voc_R_50_C4_24k.yaml")
@@ -198,6 +198,14 @@ def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsy
         assert tn.cli(["--config-file", voc, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {voc}: SOLVER.IMS_PER_BATCH"), err
+    # the GPUs it is told to use must be there (the solver is scaled to them)
+    monkeypatch.setenv("SHAPES_ROOT", str(corpus))
+    shapes = str(CONFIGS / "demo_shapes_voc_R_18_C4.yaml")
+    gpus = torch.cuda.device_count()
+    assert tn.cli(["--config-file", shapes, "--num-gpus", str(gpus + 1), "MODEL.DEVICE", "cuda",
+                   "OUTPUT_DIR", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--num-gpus {gpus + 1}: {gpus} CUDA device(s) visible here" in err[0], err
 
 
 def test_reference_numerics_preset_runs_fp32_without_tf32_and_is_saved(tmp_path, capsys):

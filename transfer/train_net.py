@@ -271,6 +271,10 @@ def check_inputs(args):
         raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (convert a "
                                 "checkpoint with tools/convert_checkpoint.py)")
     check_writable(cfg.OUTPUT_DIR)
+    visible = torch.cuda.device_count()
+    if cfg.MODEL.DEVICE.startswith("cuda") and visible < args.num_gpus:  # the solver is scaled to --num-gpus
+        raise ValueError(f"--num-gpus {args.num_gpus}: {visible} CUDA device(s) visible here; pass "
+                         + (f"--num-gpus {visible} (the solver is scaled to it)" if visible else "MODEL.DEVICE cpu"))
     if cfg.MODEL.WEIGHTS or args.resume:  # safe, finite, and the whole backbone fits
         quiet_load(cfg, args.resume)
 
