@@ -109,7 +109,7 @@ def test_two_epochs_lower_loss_and_log_metrics(trained):
     done = json.loads((out / "done.json").read_text())
     assert done == {"method": "sane", "switches": {"slr.enabled": True, "slr.p": True, "slr.q": True,
                                                    "mm.enabled": True, "model.in_batch_negatives": True},
-                    "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
+                    "numerics": "fast", "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
                     "knn_top1": knn[-1]["knn_top1"], "checkpoint": "checkpoint.pth"}
     assert all(0 <= r["inst_top1"] <= 100 for r in train_recs)
     assert load_config(out / "config.yaml").to_dict() == trained["cfg"].to_dict()

@@ -129,20 +129,20 @@ def scale_to_world(cfg, world):
     SOLVER.REFERENCE_WORLD_SIZE (8 in the MoCo-protocol configs; 0 = use the values as written),
     scales IMS_PER_BATCH and BASE_LR by world/reference and divides STEPS, MAX_ITER, WARMUP_ITERS,
     CHECKPOINT_PERIOD and TEST.EVAL_PERIOD by it. Records TRANSFER.WORLD_SIZE and SCALED_FROM.
-    A batch that cannot be split evenly over the processes is a ValueError (one line)."""
+    A batch that cannot be split evenly over the processes is a ScalingError (one line)."""
     cfg = cfg.clone()
     cfg.defrost()
     ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
     if ref < 0 or (ref and batch % ref):
         raise ScalingError(f"SOLVER.IMS_PER_BATCH {batch} over SOLVER.REFERENCE_WORLD_SIZE {ref} GPUs is not a "
-                         f"whole number of images per GPU: give a multiple of {ref} (read at {ref} GPUs and "
-                         "scaled to those used), or SOLVER.REFERENCE_WORLD_SIZE 0 to use the batch as written")
+                           f"whole number of images per GPU: give a multiple of {ref} (read at {ref} GPUs and "
+                           "scaled to those used), or SOLVER.REFERENCE_WORLD_SIZE 0 to use the batch as written")
     cfg = DefaultTrainer.auto_scale_workers(cfg, world)
     cfg.defrost()
     batch = cfg.SOLVER.IMS_PER_BATCH
     if batch < world or batch % world:
         raise ScalingError(f"SOLVER.IMS_PER_BATCH {batch} cannot be split evenly over {world} processes "
-                         f"(--num-gpus x --num-machines): give a multiple of {world} images, or fewer GPUs")
+                           f"(--num-gpus x --num-machines): give a multiple of {world} images, or fewer GPUs")
     cfg.TRANSFER.WORLD_SIZE = world
     cfg.TRANSFER.SCALED_FROM = ref if ref != world else 0
     return cfg
