@@ -29,7 +29,8 @@ class CheckpointWatcher:
         submitted = []
         for snapshot, group in groups.items():
             self.wait_for(Path(snapshot), group[0].name)
-            submitted += [str(j.job_id) for j in submit.launch(self.args, group)]
+            with submitit.helpers.clean_env():  # a job submitted from a job must not inherit its SLURM_* settings
+                submitted += [str(j.job_id) for j in submit.launch(self.args, group)]
         return submitted
 
     def wait_for(self, snapshot, stage):
