@@ -2,6 +2,7 @@
 pretraining waits for each snapshot its evaluation stages need and submits them as it appears, so
 that no evaluation waits for, or holds up, the pretraining's job."""
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,10 @@ class CheckpointWatcher:
         submitted = []
         for snapshot, group in groups.items():
             self.wait_for(Path(snapshot), group[0].name)
+            conf = os.environ.get("SLURM_CONF")  # where sbatch finds the cluster: not the job's own setting
             with submitit.helpers.clean_env():  # a job submitted from a job must not inherit its SLURM_* settings
+                if conf:
+                    os.environ["SLURM_CONF"] = conf
                 submitted += [str(j.job_id) for j in submit.launch(self.args, group)]
         return submitted
 

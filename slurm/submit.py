@@ -99,6 +99,8 @@ def parse_args(argv=None):
                    help="probes (kNN + linear) of each snapshot, with --probe-opts")
     e.add_argument("--eval-detection", nargs="+", default=[], metavar="CONFIG",
                    help="a short fine-tune of each snapshot per detection config (seed 0)")
+    e.add_argument("--eval-poll-s", type=float, default=60.0,
+                   help="how often the watcher job looks for the next snapshot (seconds)")
     e.add_argument("--eval-transfer-opts", default="", help='Detectron2 overrides of those fine-tunes, '
                                                             'e.g. "SOLVER.MAX_ITER 2000 SOLVER.STEPS (1500,)"')
     args = parser.parse_args(argv)
@@ -393,7 +395,7 @@ def launch(args, stages, log=print):
             continue
         executor = make_executor(args, cluster, *executor_args)
         if kind == "watch":
-            job = executor.submit(CheckpointWatcher(args, group))
+            job = executor.submit(CheckpointWatcher(args, group, args.eval_poll_s))
             registry.record(jobs_file, {name: registry.entry_of(job, cluster)})
             log(f"submitted {name}: job {job.job_id}, submits {len(group)} checkpoint evaluation(s) as their "
                 f"snapshots appear; logs in {job.paths.folder}")
