@@ -25,7 +25,9 @@ DEFAULTS = {
     "max_iters_this_run": 0,     # >0: stop (and checkpoint) after this many steps; resume later
     "resume_allow": [],          # keys of RESUME_ALLOWED that may differ from output_dir's config
     "compile": False,            # torch.compile the encoders
+    "numerics": "fast",          # a preset of amp and tf32 (NUMERICS below): fast | reference
     "amp": "bf16",               # bf16 | none; autocast on CUDA only
+    "tf32": True,                # TF32 matmuls and convolutions on CUDA (Ampere and later)
     "channels_last": True,       # CUDA only
     "data": {
         "root": "",              # ImageFolder root: train/<class>/*.jpg, optional val/
@@ -102,6 +104,11 @@ METHODS = {
     "slr_q_mm": _preset(False, True, True),
     "sane": _preset(True, True, True),
 }
+
+
+# Numerics presets: fast (bf16 autocast + TF32 on CUDA) or the reference code's fp32 (MoCo v2's
+# main_moco.py: no autocast; TF32 off, as on the V100s it ran on). A config names its preset.
+NUMERICS = {"fast": {"amp": "bf16", "tf32": True}, "reference": {"amp": "none", "tf32": False}}
 
 
 class Config(dict):
@@ -235,6 +242,25 @@ def apply_method(cfg, layers):
         cfg[section][name] = value
 
 
+def apply_numerics(cfg, layers):
+    """Set amp and tf32 from cfg["numerics"] (NUMERICS) as apply_method sets the method's switches: a
+    value given in the preset's layer or a later one must agree with it (one UserError line)."""
+    name = cfg["numerics"]
+    at = max((i for i, (_, keys) in enumerate(layers) if "numerics" in keys), default=-1)
+    if name not in NUMERICS:
+        raise UserError(f"{layers[at][0] if at >= 0 else 'config'}: unknown numerics '{name}'; "
+                        f"known: {', '.join(NUMERICS)}")
+    for src, keys in layers[max(at, 0):]:
+        for key, value in NUMERICS[name].items():
+            if key in keys and keys[key] != value:
+                other = [n for n, p in NUMERICS.items() if p[key] == keys[key]]
+                named = name if at >= 0 else f"{name} (the default)"
+                raise UserError(f"{src}: {key}={str(keys[key]).lower()} contradicts numerics {named}, which "
+                                f"sets {key}={str(value).lower()}: drop the key, the preset sets it"
+                                + (f"; or name the preset: numerics={other[0]}" if other else ""))
+    cfg.update(NUMERICS[name])
+
+
 def switches(cfg):
     """The resolved recipe switches of a config, e.g. for done.json."""
     return {key: _get(cfg, key) for key in SWITCHES}
@@ -264,6 +290,7 @@ def load_config(path=None, overrides=()):
         _set(cfg, key.strip(), yaml.safe_load(value) if value != "" else "", "command line",
              layers[-1][1])
     apply_method(cfg, layers)
+    apply_numerics(cfg, layers)
     cfg = Config.wrap(cfg)
     validate(cfg)
     check_ranges(cfg)

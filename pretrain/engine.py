@@ -118,6 +118,7 @@ def checkpoint_state(cfg, model, optimizer, scaler, it, ipe, knn_top1=None, skip
 
 
 def configure_determinism(cfg):
+    """Deterministic kernels or cudnn's autotuner; TF32 as the numerics preset sets cfg.tf32."""
     if cfg.deterministic:
         # cuBLAS needs a fixed workspace for deterministic matmuls (read at its first call)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -125,8 +126,9 @@ def configure_determinism(cfg):
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def train(cfg):
@@ -210,7 +212,8 @@ def train(cfg):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
 
     metrics = utils.MetricLogger(out, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
-    log.info(f"{cfg.method} ({', '.join(f'{k}={v}' for k, v in switches(cfg).items())})")
+    log.info(f"{cfg.method} ({', '.join(f'{k}={v}' for k, v in switches(cfg).items())}); numerics "
+             f"{cfg.numerics} (amp={cfg.amp}, tf32={str(cfg.tf32).lower()}, on CUDA)")
     log.info(f"{cfg.method}: {cfg.model.arch} ({cfg.model.stem} stem), {len(dataset)} images, {ipe} it/epoch, "
              f"{cfg.epochs} epochs, batch {cfg.data.batch_size} on {world} x {device.type}")
     progress = None
@@ -283,7 +286,7 @@ def train(cfg):
             gpu_count=world if on_cuda else 0, weights=ckpt_path, pretrain_config=saved_config,
             wall_time_s=time.time() - started, resumed=ckpt is not None))
         contract.write_json(contract.done_file("pretrain", out), {
-            "method": cfg.method, "switches": switches(cfg), "arch": cfg.model.arch,
+            "method": cfg.method, "switches": switches(cfg), "numerics": cfg.numerics, "arch": cfg.model.arch,
             "stem": cfg.model.stem, "epochs": cfg.epochs, "iters": it, "knn_top1": last_knn,
             "checkpoint": contract.CHECKPOINT})
         log.info(f"done: {it} iterations, kNN top-1 {last_knn}")

@@ -169,7 +169,7 @@ class MoCo(nn.Module):
             queue = self.queue.clone().detach().float()
             if not self.in_batch:
                 # MoCo v2's logits: the positive against the queue only, label 0 (its formulation;
-                # not bit-identical to its fp32 code: the encoders run under bf16 autocast / TF32)
+                # its fp32 numerics with numerics=reference, else bf16 autocast / TF32 encoders)
                 l_pos = (q * k).sum(dim=1, keepdim=True)
                 logits = torch.cat([l_pos, q @ queue], dim=1) / self.T
                 positive = torch.zeros(s, dtype=torch.long, device=q.device)

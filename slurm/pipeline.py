@@ -2,6 +2,7 @@
 results table), each a command line with the file that marks it complete; run in order or as
 Slurm jobs. Where each stage writes, and what marks it done: suite.contract."""
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -37,6 +38,8 @@ class Stage:
     resume_args: tuple = ()   # flags that resume a partial run (Detectron2's --resume)
     after: tuple = ()         # names of the stages whose outputs this one reads
     refresh: bool = False     # rerun whenever a stage in `after` runs, even if complete (the table)
+    needs: str = ""           # a file it reads that no stage in `after` writes: a pretraining snapshot,
+                              # written while that pretraining still runs (checkpoint evaluations)
 
     def done(self):
         return Path(self.done_file).is_file()
@@ -126,10 +129,10 @@ def classification_stages(tasks, backbone, output_dir, svm_seed, seeds, voc_root
     return stages
 
 
-def convert_stage(name, pretrain_dir, weights, python=sys.executable):
-    """`tools/convert_checkpoint.py`: the pretraining's checkpoint to Detectron2 weights (the weights
-    file is its own done marker)."""
-    ckpt = str(Path(pretrain_dir) / contract.CHECKPOINT)
+def convert_stage(name, pretrain_dir, weights, python=sys.executable, checkpoint=contract.CHECKPOINT):
+    """`tools/convert_checkpoint.py`: the pretraining's checkpoint (or another file of its folder, a
+    snapshot) to Detectron2 weights (the weights file is its own done marker)."""
+    ckpt = str(Path(pretrain_dir) / checkpoint)
     return Stage(f"convert/{name}", (python, "tools/convert_checkpoint.py", ckpt, str(weights)),
                  str(weights), after=(f"pretrain/{name}",))
 
@@ -154,6 +157,12 @@ def results_stage(root, after=(), python=sys.executable):
                  str(contract.done_file("results", layout.root)), after=tuple(after), refresh=True)
 
 
+def watcher_of(stage):
+    """The name of the job that submits a checkpoint evaluation (eval/<unit>/epoch<e>/...) once its
+    snapshot exists: watch/<unit> (slurm/evaluate.py), one per pretraining."""
+    return "watch/" + stage.name[len("eval/"):].rsplit("/epoch", 1)[0]
+
+
 def pending(stages, settled=Stage.done):
     """The stages to run, in order: those not `settled` (default: complete), and a `refresh` stage
     whose inputs run."""
@@ -175,8 +184,8 @@ def named_configs(pretrain_configs, opts=()):
 
 
 def resolve_backbone(config, opts, data_root):
-    """(arch, stem, data format) of a pretraining config with its overrides, as the run will see
-    them; a bad config is a PipelineError naming it (caught before anything is submitted)."""
+    """(arch, stem, data format, epochs) of a pretraining config with its overrides, as the run will
+    see them; a bad config is a PipelineError naming it (caught before anything is submitted)."""
     from pretrain.config import load_config   # torch-free for the caller until here
     from pretrain.utils import UserError
 
@@ -184,14 +193,42 @@ def resolve_backbone(config, opts, data_root):
         cfg = load_config(config, [*opts, f"data.root={data_root}"])
     except UserError as e:
         raise PipelineError(f"pretraining config {config}: {e}") from None
-    return cfg.model.arch, cfg.model.stem, cfg.data.format
+    return cfg.model.arch, cfg.model.stem, cfg.data.format, cfg.epochs
+
+
+def checkpoint_eval_stages(layout, backbone, k, epochs, every, fmt, data_root, *, probe_presets=(), probe_opts=(),
+                           probe_voc_root=None, detection=(), transfer_opts=(), num_gpus=1, python=sys.executable):
+    """The evaluations of every `every`-th pretraining snapshot of a unit (VISSL's benchmark scheduler):
+    for epoch e in every, 2*every, ... <= epochs, each probe (kNN + linear) of checkpoint_<e>.pth and,
+    per `detection` config, its conversion and one short fine-tune (seed 0, `transfer_opts`). Each
+    stage `needs` the snapshot alone, never the pretraining's completion; in OUT/checkpoint_evals/."""
+    unit, stages = contract.unit(backbone, k), []
+    pre_dir = layout.pretrain_dir(backbone, k)
+    for e in range(every, epochs + 1, every):
+        snap, where, tag = pre_dir / contract.snapshot(e), layout.eval_dir(backbone, e, k), f"{unit}/epoch{e:04d}"
+        for preset in probe_presets:
+            data = probe_voc_root if preset == "voc07" else data_root
+            probe = probe_stage(tag, data, preset, contract.probe_dir(where, preset), checkpoint=snap,
+                                data_format=fmt, opts=probe_opts, python=python)
+            stages.append(dataclasses.replace(probe, name=f"eval/{tag}/{preset}", needs=str(snap)))
+        if detection:
+            weights = where / "backbone.pkl"
+            convert = convert_stage(unit, pre_dir, weights, python, checkpoint=contract.snapshot(e))
+            stages.append(dataclasses.replace(convert, name=f"eval/{tag}/convert", after=(), needs=str(snap)))
+        for config in detection:
+            task = contract.task_name(config)
+            fine_tune = transfer_stage(config, weights, backbone, contract.fine_tune_dir(where / "transfer", backbone,
+                                                                                          task, 0),
+                                       0, num_gpus, transfer_opts, (f"eval/{tag}/convert",), python)
+            stages.append(dataclasses.replace(fine_tune, name=f"eval/{tag}/{task}", needs=str(snap)))
+    return stages
 
 
 def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), seeds=1, coco_seeds=1,
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
                  python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None,
                  pretrain_seeds=None, classification_tasks=(), svm_opts=(), semi_opts=(), semi_data_root=None,
-                 semi_subsets=None):
+                 semi_subsets=None, eval_every=0, eval_probes=(), eval_detection=(), eval_transfer_opts=()):
     """Every stage of the suite under `out`, in an order that runs each after its inputs, in the
     layout of suite.contract.Layout: for each backbone of `backbones` ({name: (pretraining config,
     overrides)}) its pretraining, its probes, its conversion and its fine-tunes (`seeds` per VOC
@@ -216,12 +253,17 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     semi_1pct and semi_10pct (pretrain.semisup) fine-tune on the ImageFolder `semi_data_root`
     (default `data_root`) with the subset list of SEMI_SUBSETS in `semi_subsets` (a folder), once per
     fine-tune seed (like the VOC fine-tunes; with pretrain_seeds, seed k). svm_opts, semi_opts: the
-    trailing flags of the pretrain.svm and pretrain.semisup stages (e.g. ("--epochs", "1"))."""
+    trailing flags of the pretrain.svm and pretrain.semisup stages (e.g. ("--epochs", "1")).
+
+    eval_every: N > 0 keeps a snapshot every N epochs (checkpoint.save_every_epochs=N, last on the
+    pretraining's command line) and evaluates each as it appears (checkpoint_eval_stages: the
+    eval_probes presets with probe_opts, a short fine-tune per eval_detection config with
+    eval_transfer_opts); those stages come right after their pretraining, and the table skips them."""
     layout = contract.Layout(Path(out).resolve())
     if random_init and RANDOM_INIT in backbones:
         raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
                             "random-init baseline: rename the config")
-    unknown = [p for p in probe_presets if p not in PROBE_PRESETS]
+    unknown = [p for p in (*probe_presets, *eval_probes) if p not in PROBE_PRESETS]
     if unknown:
         raise PipelineError(f"unknown probe preset {unknown[0]}: use {', '.join(PROBE_PRESETS)}")
     unknown = [t for t in classification_tasks if t not in contract.CLASSIFICATION_TASKS]
@@ -234,7 +276,10 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     if set(classification_tasks) & set(contract.SEMI_SUBSETS) and not semi_subsets:
         raise PipelineError("the semi-supervised tasks read their subset lists (1percent.txt, 10percent.txt) "
                             "from semi_subsets: set it to the folder holding them")
-    if "voc07" in probe_presets and not probe_voc_root:
+    if eval_every < 0 or (eval_every and not (eval_probes or eval_detection)):
+        raise PipelineError(f"checkpoint evaluation every {eval_every} epochs: give N > 0 and what to run on each "
+                            "snapshot (eval_probes, eval_detection; submit.py --eval-probe, --eval-detection)")
+    if "voc07" in (*probe_presets, *eval_probes) and not probe_voc_root:
         raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
                             "default $DETECTRON2_DATASETS): set it")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
@@ -258,7 +303,7 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                             python=python, **source) for preset in probe_presets]
 
     if set(classification_tasks) & set(contract.SEMI_SUBSETS) and not semi_data_root:
-        other = {b: f for b, (_, _, f) in resolved.items() if f != "imagefolder"}
+        other = {b: r[2] for b, r in resolved.items() if r[2] != "imagefolder"}
         if other:
             raise PipelineError(f"the semi-supervised tasks fine-tune on an ImageFolder, and data_root is "
                                 f"{', '.join(sorted(set(other.values())))} ({', '.join(other)}): set "
@@ -279,7 +324,15 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
         unit = contract.unit(name, k)
         pre_dir, weights = layout.pretrain_dir(name, k), layout.weights(name, k)
         opts = (*opts, f"seed={k}") if seeded else opts
+        opts = (*opts, f"checkpoint.save_every_epochs={eval_every}") if eval_every else opts
         stages.append(pretrain_stage(abspath(config), pre_dir, abspath(data_root), epochs, opts, unit, python))
+        if eval_every:
+            detection = [abspath(c) for c in eval_detection] if resolved[name][1] == "imagenet" else []
+            stages += checkpoint_eval_stages(
+                layout, name, k, epochs or resolved[name][3], eval_every, resolved[name][2], abspath(data_root),
+                probe_presets=eval_probes, probe_opts=probe_opts,
+                probe_voc_root=probe_voc_root and abspath(probe_voc_root), detection=detection,
+                transfer_opts=eval_transfer_opts, num_gpus=num_gpus, python=python)
         probes += probe_stages(name, k, resolved[name][2], checkpoint=pre_dir / contract.CHECKPOINT,
                                after=(f"pretrain/{unit}",))
         probes += classify(name, k, checkpoint=pre_dir / contract.CHECKPOINT, after=(f"pretrain/{unit}",))
@@ -289,14 +342,14 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     if random_init:
         sources += [(RANDOM_INIT, k, "", ()) for k in pretraining_seeds]
         if probe_presets or classification_tasks:
-            shapes = set(resolved.values())
+            shapes = {r[:3] for r in resolved.values()}
             if len(shapes) != 1:
                 raise PipelineError(
                     "the random-init probes take the pretrained backbones' arch, stem and data format, but "
                     + ("there is no pretraining config" if not shapes else
-                       f"they differ ({', '.join(f'{b}: {a}/{s}/{f}' for b, (a, s, f) in resolved.items())})")
+                       f"they differ ({', '.join(f'{b}: {a}/{s}/{f}' for b, (a, s, f, _) in resolved.items())})")
                     + ": run one pipeline per kind of backbone")
-            arch, stem, fmt = shapes.pop()
+            arch, stem, fmt = shapes.pop()[:3]
             for k in pretraining_seeds:
                 probes += probe_stages(RANDOM_INIT, k, fmt, random_init=(arch, stem), seed=k or 0)
                 probes += classify(RANDOM_INIT, k, random_init=(arch, stem))
@@ -313,6 +366,9 @@ def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=Tru
     """Run one stage's command from the repo root; fail unless it wrote its done file (checked by
     the process that writes it: other ranks may finish first). `ignore_signals` are left to the
     caller alone (a Submitit job handles its timeout/preemption signals, the stage must not die)."""
+    if stage.needs and not Path(stage.needs).is_file():
+        raise PipelineError(f"[{stage.name}] reads {stage.needs}, which its pretraining did not write "
+                            "(snapshots every checkpoint.save_every_epochs epochs)")
     argv = stage.command(extra, resume)
     log(f"[{stage.name}] {shlex.join(argv)}")
     environ = {**os.environ, **(env or {})}

@@ -13,6 +13,7 @@ import submitit
 from submitit.slurm import slurm as submitit_slurm
 
 from slurm import pipeline, registry, tasks
+from slurm.evaluate import CheckpointWatcher
 from slurm.tasks import StageJob
 from suite import contract
 
@@ -91,6 +92,17 @@ def parse_args(argv=None):
     q.add_argument("--pretrain-opts", default="", help='pretrain overrides, e.g. "data.batch_size=512"')
     q.add_argument("--transfer-opts", default="", help='Detectron2 overrides, e.g. "SOLVER.MAX_ITER 100"')
     q.add_argument("--out", required=True, help="the pipeline's root folder")
+    e = q.add_argument_group("checkpoint evaluation while pretraining runs (OUT/checkpoint_evals/, plotted)")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="keep a snapshot every N epochs and evaluate each as it appears (0: off)")
+    e.add_argument("--eval-probe", nargs="+", default=[], choices=contract.PROBE_PRESETS, metavar="PRESET",
+                   help="probes (kNN + linear) of each snapshot, with --probe-opts")
+    e.add_argument("--eval-detection", nargs="+", default=[], metavar="CONFIG",
+                   help="a short fine-tune of each snapshot per detection config (seed 0)")
+    e.add_argument("--eval-poll-s", type=float, default=60.0,
+                   help="how often the watcher job looks for the next snapshot (seconds)")
+    e.add_argument("--eval-transfer-opts", default="", help='Detectron2 overrides of those fine-tunes, '
+                                                            'e.g. "SOLVER.MAX_ITER 2000 SOLVER.STEPS (1500,)"')
     args = parser.parse_args(argv)
     args.stage_args = stage_args
     if args.command == "pipeline" and stage_args:
@@ -102,7 +114,7 @@ def check_inputs(args):
     """Inputs that a job would only discover after waiting in the queue."""
     files = {"pretrain": [args.config] if args.command == "pretrain" else [],
              "transfer": [*args.config_file, args.weights] if args.command == "transfer" else [],
-             "pipeline": [*args.pretrain_config, *args.voc_config, *args.coco_config]
+             "pipeline": [*args.pretrain_config, *args.voc_config, *args.coco_config, *args.eval_detection]
              if args.command == "pipeline" else []}[args.command]
     for f in files:
         if not Path(f).is_file():
@@ -134,7 +146,8 @@ NUMBERS = (("--nodes", "nodes", 1, "nodes per job"), ("--transfer-nodes", "trans
            ("--cpus-per-task", "cpus_per_task", 1, "CPUs"), ("--timeout-min", "timeout_min", 1, "minutes"),
            ("--max-requeues", "max_requeues", 0, "requeues"), ("--signal-delay-s", "signal_delay_s", 0, "seconds"),
            ("--seeds", "seeds", 1, "fine-tunes per config"), ("--coco-seeds", "coco_seeds", 0, "COCO fine-tunes"),
-           ("--first-seed", "first_seed", 0, "the first seed"), ("--epochs", "epochs", 1, "epochs"))
+           ("--first-seed", "first_seed", 0, "the first seed"), ("--epochs", "epochs", 1, "epochs"),
+           ("--eval-every", "eval_every", 0, "epochs between evaluated snapshots (0: none)"))
 
 
 def check_numbers(args):
@@ -165,12 +178,17 @@ def check_stage_overrides(args):
             except UserError as e:
                 raise UsageError(f"pretraining overrides {shlex.join(pre) or '(none)'}: {e}") from None
     if args.command in ("transfer", "pipeline"):
-        from transfer.train_net import load_config
+        from transfer.train_net import ScalingError, load_config
 
         configs = args.config_file if args.command == "transfer" else [*args.voc_config, *args.coco_config]
+        # the processes each fine-tune runs (a CPU job: one): its config is scaled to them
+        nodes = args.transfer_nodes if args.command == "pipeline" else args.nodes
+        shape = dict(num_gpus=max(1, args.gpus_per_node), num_machines=nodes)
         for c in configs:
             try:
-                load_config(argparse.Namespace(config_file=c, opts=list(det)))
+                load_config(argparse.Namespace(config_file=c, opts=list(det), **shape))
+            except ScalingError as e:
+                raise UsageError(f"{c} on {shape['num_gpus']} GPU(s) x {nodes} node(s): {e}") from None
             except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type, odd list
                 raise UsageError(f"{c}: Detectron2 overrides {shlex.join(det) or '(none)'} do not "
                                  f"apply ({e}); use KEY VALUE pairs of detectron2/config/defaults.py") from None
@@ -204,7 +222,9 @@ def stages_for(args):
                                  args.seeds, args.coco_seeds, args.first_seed, args.epochs,
                                  shlex.split(args.transfer_opts), gpus, args.random_init, py,
                                  probe_presets=args.probe, probe_opts=shlex.split(args.probe_opts),
-                                 probe_voc_root=args.probe_voc_root)
+                                 probe_voc_root=args.probe_voc_root, eval_every=args.eval_every,
+                                 eval_probes=args.eval_probe, eval_detection=args.eval_detection,
+                                 eval_transfer_opts=shlex.split(args.eval_transfer_opts))
 
 
 def output_of(args):
@@ -229,6 +249,8 @@ def resources(args, kind):
     elif kind == "probe":  # pretrain.linear: one process on one GPU (frozen features, a linear layer)
         shape = dict(nodes=1, gpus_per_node=1 if gpus else None, tasks_per_node=1,
                      cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min)
+    elif kind == "watch":  # slurm/evaluate.py: one CPU, alive (and requeued) as long as the pretraining
+        shape = dict(nodes=1, tasks_per_node=1, cpus_per_task=1, timeout_min=args.timeout_min)
     else:
         shape = dict(nodes=1, tasks_per_node=1, cpus_per_task=args.cpus_per_task, timeout_min=CPU_STAGE_MINUTES)
     return dict(shape, mem_gb=args.mem_gb, slurm_partition=args.partition, slurm_account=args.account,
@@ -286,7 +308,13 @@ def slurm_plan(todo, queued=()):
     jobs, arrays = [], {}
     for s in todo:
         after = tuple(a for a in s.after if a in pending)
-        if s.kind == "transfer":
+        if s.needs:  # a checkpoint evaluation: its pretraining's watcher submits it once the snapshot exists
+            key = ("watch", pipeline.watcher_of(s))
+            if key not in arrays:
+                arrays[key] = (key[1], "watch", [], ())
+                jobs.append(arrays[key])
+            arrays[key][2].append(s)
+        elif s.kind == "transfer":
             key = ("transfer", s.after)
             if key not in arrays:
                 arrays[key] = (f"transfer/{s.name.split('/')[1]}", "transfer", [], after)
@@ -307,14 +335,15 @@ def local_plan(args, todo):
 
 def describe(args, cluster, executor_args, group, log):
     """--dry-run: the sbatch script (Slurm) or the local job's shape, and the commands."""
-    if cluster == "slurm":
-        log(sbatch_script(args, *executor_args, array_size=len(group)))
+    if cluster == "slurm":  # (a watcher is one job, whatever it submits)
+        log(sbatch_script(args, *executor_args, array_size=1 if group[0].needs else len(group)))
     else:
         shape = {k: v for k, v in executor_args[1].items() if v is not None and not k.startswith("slurm_")}
         log(f"# one {cluster} job on this machine: " + ", ".join(f"{k}={v}" for k, v in shape.items()))
         if (args.gpus_per_node or 0) > 1:  # what StageJob runs in a one-task job
             group = [tasks.with_torchrun(s, args.gpus_per_node) if s.kind == "pretrain" else s for s in group]
-    log("\n".join("# runs: " + shlex.join(s.command()) for s in group))
+    log("\n".join("# runs: " + shlex.join(s.command()) + (f"  (once {s.needs} exists)" if s.needs else "")
+                   for s in group))
 
 
 def launch(args, stages, log=print):
@@ -331,13 +360,15 @@ def launch(args, stages, log=print):
         log("nothing to do: every stage is complete")
         return []
     jobs_file = contract.jobs_file(output_of(args))
-    queued = registry.in_flight(jobs_file, [s.name for s in todo])  # {stage: (job id, state)}
+    watchers = sorted({pipeline.watcher_of(s) for s in todo if s.needs})
+    queued = registry.in_flight(jobs_file, [s.name for s in todo] + watchers)  # {stage: (job id, state)}
     if queued and cluster != "slurm":  # one local job runs every stage: nothing can wait for it
         name, (job_id, state) = next(iter(queued.items()))
         raise UsageError(f"[{name}] is still {state} in job {job_id} on this machine (submitted earlier, "
                          f"{jobs_file}): let it finish or kill it, then run this again")
     # a queued stage is waited for; a queued table is submitted again if a run it reads is new
-    submit = pipeline.pending(todo, settled=lambda s: s.name in queued)
+    submit = pipeline.pending(todo, settled=lambda s: s.name in queued or (
+        bool(s.needs) and pipeline.watcher_of(s) in queued))
     for s in todo:
         if s not in submit:
             log(f"[{s.name}] {queued[s.name][1]} in job {queued[s.name][0]}: waited for, not submitted again")
@@ -357,10 +388,19 @@ def launch(args, stages, log=print):
         executor_args = (name.replace("/", "_"), local_params or resources(args, kind), dep)
         if args.dry_run:  # (a local executor would already create its folder)
             log(f"# ---- job {name}" + (f" (after {', '.join(waits)})" if waits else ""))
+            if kind == "watch":
+                log("# submits each stage below once the snapshot it reads exists")
             describe(args, cluster, executor_args, group, log)
             job_of.update((s.name, name) for s in group)
             continue
         executor = make_executor(args, cluster, *executor_args)
+        if kind == "watch":
+            job = executor.submit(CheckpointWatcher(args, group, args.eval_poll_s))
+            registry.record(jobs_file, {name: registry.entry_of(job, cluster)})
+            log(f"submitted {name}: job {job.job_id}, submits {len(group)} checkpoint evaluation(s) as their "
+                f"snapshots appear; logs in {job.paths.folder}")
+            jobs.append(job)
+            continue
         if cluster == "slurm" and len(group) > 1:
             with executor.batch():  # a job array
                 submitted = [executor.submit(StageJob([s])) for s in group]

@@ -77,6 +77,8 @@ RESULTS_RECORDS = "results.jsonl"    # beside the table: one record per run, its
 PROVENANCE = "provenance.json"       # every run (pretraining, probe, fine-tune): suite/provenance.py
 CORPUS_RECORD = "corpus.json"        # the synthetic corpus: generator arguments and class list
 JOBS = "jobs.json"                   # slurm/submit.py: the job of each stage
+CHECKPOINT_EVALS = "checkpoint_evals"  # evaluations of pretraining snapshots (not in the table)
+EPOCH_FOLDER = re.compile(r"^epoch(\d+)$")
 CORPUS_IMAGEFOLDER = "imagefolder"   # a corpus's ImageFolder root (pretraining's data.root)
 
 # The file each stage writes last: its output is complete once the file exists (the pipeline skips
@@ -103,6 +105,9 @@ class Layout:
     OUT/pretrain/<unit>/linear_<preset>/      its probes (random init: OUT/pretrain/random_init/)
     OUT/weights/<unit>.pkl                    its Detectron2 weights
     OUT/transfer/<b>/<task>/seed<k>/          fine-tunes
+    OUT/checkpoint_evals/<unit>/epoch<NNNN>/  evaluations of the snapshot of epoch NNNN: probes
+                                              linear_<preset>/, weights backbone.pkl, fine-tunes
+                                              transfer/<b>/<task>/seed<k>/ (plotted, not tabled)
     OUT/results.md                            the table
     OUT/submitit/                             Submitit's job folders and jobs.json"""
     root: Path
@@ -129,6 +134,10 @@ class Layout:
 
     def transfer_dir(self, backbone, task, seed):
         return fine_tune_dir(self.transfer_root, backbone, task, seed)
+
+    def eval_dir(self, backbone, epoch, seed=None):
+        """The evaluations of pretraining snapshot `epoch` of a unit (checkpoint_eval parses it back)."""
+        return self.root / CHECKPOINT_EVALS / unit(backbone, seed) / f"epoch{epoch:04d}"
 
     @property
     def results(self):
@@ -186,6 +195,20 @@ def fine_tune_run(run_dir):
     if seed is not None:
         return d.parent.parent.name, d.parent.name, seed
     return d.parent.name, d.name, None
+
+
+def checkpoint_eval(path):
+    """(backbone, pretraining seed or None, epoch) of a path inside OUT/checkpoint_evals/<unit>/epoch<NNNN>/,
+    else None."""
+    parts = Path(path).parts
+    if CHECKPOINT_EVALS not in parts:
+        return None
+    rest = parts[len(parts) - 1 - parts[::-1].index(CHECKPOINT_EVALS) + 1:]
+    at = next((i for i, part in enumerate(rest) if EPOCH_FOLDER.match(part)), None)
+    if at is None or at == 0:
+        return None
+    where = pretrain_run(Path(*rest[:at]))
+    return where.backbone, where.seed, int(EPOCH_FOLDER.match(rest[at]).group(1))
 
 
 def probe_owner(probe_folder):

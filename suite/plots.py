@@ -1,5 +1,6 @@
 """PNG figures of the suite's results: pretraining curves (loss, kNN top-1, SLR label quality) per
-backbone and detection AP bars with sample-std error bars; runs are read by suite.results.
+backbone, detection AP bars with sample-std error bars (runs read by suite.results), and the
+evaluations of pretraining snapshots against epochs (suite.checkpoint_evals).
 Command: tools/plot_results.py."""
 import argparse
 import math
@@ -10,8 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from suite import contract  # noqa: E402
+from suite import checkpoint_evals, contract  # noqa: E402
 from suite.results import aggregate, columns_for, find_runs, not_a_directory  # noqa: E402
 
 # (axis title, record type, key, one-hot reference: a key, a constant, or None). The label-quality
@@ -108,14 +110,43 @@ def plot_bars(runs, kind):
     return fig
 
 
+def plot_checkpoint_evals(points):
+    """One subplot per metric (kNN top-1, linear top-1, a task's AP50, ...), one line per backbone:
+    the metric of each evaluated snapshot against its epoch (mean over pretraining seeds). Returns
+    the Figure."""
+    metrics = sorted({p.metric for p in points})
+    fig = Figure(figsize=(4 * len(metrics), 4), dpi=100)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    colors = {b: f"C{i % 10}" for i, b in enumerate(sorted({p.backbone for p in points}))}
+    for ax, metric in zip(axes, metrics):
+        for backbone, color in colors.items():
+            by_epoch = {}
+            for p in points:
+                if p.metric == metric and p.backbone == backbone:
+                    by_epoch.setdefault(p.epoch, []).append(p.value)
+            if by_epoch:
+                xs = sorted(by_epoch)
+                ax.plot(xs, [sum(by_epoch[x]) / len(by_epoch[x]) for x in xs], color=color, marker="o",
+                        label=backbone)
+        ax.set_title(metric)
+        ax.set_xlabel("pretraining epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def save_png(fig, path):
     """savefig atomically: readers never see half a PNG."""
     contract.write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
-def write_figures(runs, out):
-    """{file name: Figure} of the figures there is data for, saved as PNGs under `out`."""
+def write_figures(runs, out, evals=()):
+    """{file name: Figure} of the figures there is data for, saved as PNGs under `out`; `evals`:
+    suite.checkpoint_evals points."""
     figures = {}
+    if evals:
+        figures["checkpoint_evals.png"] = plot_checkpoint_evals(evals)
     if any(r.kind == "pretrain" and r.records for r in runs):
         figures["pretrain_curves.png"] = plot_pretrain_curves(runs)
     if any(r.kind == "pretrain" and r.metrics and not r.problem for r in runs):
@@ -139,13 +170,13 @@ def main(argv=None):
         return 2
     runs, _ = find_runs(args.run_dirs)
     try:
-        wrote = write_figures(runs, Path(args.out))
+        wrote = write_figures(runs, Path(args.out), checkpoint_evals.collect(args.run_dirs))
     except OSError as e:
         print(f"plot_results: --out {args.out} cannot be written ({e.strerror or e}: {e.filename}); "
               "pass a writable folder", file=sys.stderr)
         return 2
     if not wrote:
-        print(f"plot_results: no pretraining curves or finished detection runs under "
+        print(f"plot_results: no pretraining curves, finished detection runs or checkpoint evaluations under "
               f"{' '.join(args.run_dirs)}; see docs/formats.md", file=sys.stderr)
         return 2
     print(f"wrote {', '.join(str(Path(args.out) / w) for w in wrote)}", file=sys.stderr)

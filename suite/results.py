@@ -349,7 +349,8 @@ def find_runs(paths):
     runs, problems, linear_dirs, seen = [], [], [], set()
     for root in paths:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            # snapshots' evaluations are curves over epochs (suite/checkpoint_evals.py), not rows
+            dirnames[:] = sorted(n for n in dirnames if n != contract.CHECKPOINT_EVALS)
             d, files = Path(dirpath), set(filenames)
             if d.resolve() in seen:  # overlapping arguments (ROOT and ROOT/transfer): count once
                 continue

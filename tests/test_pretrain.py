@@ -109,7 +109,7 @@ def test_two_epochs_lower_loss_and_log_metrics(trained):
     done = json.loads((out / "done.json").read_text())
     assert done == {"method": "sane", "switches": {"slr.enabled": True, "slr.p": True, "slr.q": True,
                                                    "mm.enabled": True, "model.in_batch_negatives": True},
-                    "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
+                    "numerics": "fast", "arch": "resnet18", "stem": "imagenet", "epochs": 2, "iters": 6,
                     "knn_top1": knn[-1]["knn_top1"], "checkpoint": "checkpoint.pth"}
     assert all(0 <= r["inst_top1"] <= 100 for r in train_recs)
     assert load_config(out / "config.yaml").to_dict() == trained["cfg"].to_dict()
@@ -274,6 +274,45 @@ def test_named_methods_set_and_check_the_switches(tmp_path, capsys):
     with pytest.raises(UserError, match=r"slr.q=false contradicts method sane \(the default"):
         load_config(None, ["slr.q=false"])
     assert load_config("configs/pretrain/demo.yaml").model.arch == "resnet18"
+
+
+def test_numerics_presets_set_amp_and_tf32_are_saved_and_guard_resume(tmp_path, monkeypatch):
+    import contextlib
+
+    import yaml
+
+    from pretrain import engine
+    from pretrain.config import check_resumable, save_config
+
+    for name in ("mocov2_r50_200ep", "sane_r50_200ep", "sane_multi_r50_200ep", "sane_r50_cifar", "demo"):
+        path = Path(f"configs/pretrain/{name}.yaml")  # each config says which preset it is
+        assert yaml.safe_load(path.read_text())["numerics"] == "fast", name
+        cfg = load_config(path)
+        assert (cfg.amp, cfg.tf32) == ("bf16", True)
+    ref = load_config("configs/pretrain/mocov2_r50_200ep.yaml", ["numerics=reference"])
+    assert (ref.numerics, ref.amp, ref.tf32) == ("reference", "none", False)
+    assert isinstance(engine.autocast_ctx(ref, torch.device("cuda")), contextlib.nullcontext)  # fp32
+    save_config(ref, tmp_path / "config.yaml")  # provenance reads the preset's name from here
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["numerics"] == "reference"
+    # TF32 follows the preset on CUDA (flags only: set here as on a GPU machine, then restored)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        for cfg, tf32 in ((ref, False), (load_config(None), True)):
+            engine.configure_determinism(cfg)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = flags
+    # the preset sets its keys: a contradiction is one line naming the preset that would fit
+    with pytest.raises(UserError, match=r"amp=none contradicts numerics fast \(the default\).*numerics=reference"):
+        load_config(None, ["amp=none"])
+    with pytest.raises(UserError, match="tf32=true contradicts numerics reference"):
+        load_config(None, ["numerics=reference", "tf32=true"])
+    with pytest.raises(UserError, match="unknown numerics 'exact'"):
+        load_config(None, ["numerics=exact"])
+    # a run is reference only as a whole: the preset cannot change on resume
+    with pytest.raises(UserError, match="numerics"):
+        check_resumable(load_config("configs/pretrain/mocov2_r50_200ep.yaml").to_dict(), ref)
 
 
 def test_unknown_config_key_is_one_clear_error(capsys):

@@ -218,6 +218,14 @@ def test_bad_input_exits_2(capsys, tmp_path):
     assert submit.main(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--output-dir",
                         str(tmp_path), "--dry-run"]) == 2
     assert "nope.yaml: no such file" in capsys.readouterr().err
+    weights = tmp_path / "w.pkl"
+    weights.write_bytes(b"")
+    # 16 images as written over 3 GPUs: refused before anything is submitted
+    assert submit.main(["transfer", "--config-file", "configs/detection/voc_R_50_C4_24k.yaml", "--weights",
+                        str(weights), "--output-root", str(tmp_path), "--gpus-per-node", "3", "--dry-run",
+                        "--", "SOLVER.REFERENCE_WORLD_SIZE", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "on 3 GPU(s) x 1 node(s): SOLVER.IMS_PER_BATCH 16 cannot be split evenly" in err[0]
 
 
 def test_local_job_sets_the_distributed_env_per_task(tmp_path):

@@ -530,3 +530,27 @@ def test_pipeline_survives_kills_and_a_requeue_with_the_undisturbed_table(slurm_
     # deterministic mode: the same table as the undisturbed pipeline's
     reference = undisturbed_pipeline[0]
     assert (out / "results.md").read_text() == (reference / "results.md").read_text(), f"{hits}; {replay}"
+
+
+def test_checkpoint_evaluations_are_submitted_while_the_pretraining_runs(slurm_cluster, tiny_corpus, tmp_path):
+    """--eval-every: the watcher job submits each snapshot's probe from inside its own job (sbatch in
+    a job) as soon as the snapshot exists, before the pretraining ends; one evaluation per snapshot."""
+    out = tmp_path / "pipe"
+    r = submit(tiny_corpus, "pipeline", "--pretrain-config", PRETRAIN_CONFIG, "--data-root",
+               str(tiny_corpus / "imagefolder"), "--epochs", str(EPOCHS), "--voc-config", "--coco-config",
+               "--out", str(out), *CLUSTER_ARGS, "--pretrain-opts", " ".join(PRETRAIN_OPTS),
+               "--eval-every", "3", "--eval-probe", "cifar", "--eval-poll-s", "0.5",
+               "--probe-opts", "--epochs 1 --batch-size 8 --image-size 32 --num-workers 0 --device cpu")
+    ids = submitted(r.stdout)
+    wait_idle(slurm_cluster, 300, "the pretraining, its watcher and the evaluations")
+    jobs = json.loads((out / "submitit" / "jobs.json").read_text())
+    evals = sorted(name for name in jobs if name.startswith("eval/"))
+    assert evals == ["eval/demo/epoch0003/cifar", "eval/demo/epoch0006/cifar"]
+    times = {name: sacct(slurm_cluster, jobs[name]["job_id"], "Submit", "End")[0] for name in [*evals, "pretrain/demo"]}
+    assert all(t["State"] == "COMPLETED" for t in times.values()), times
+    assert final_states(slurm_cluster, ids["watch/demo"]) == {ids["watch/demo"]: "COMPLETED"}
+    # epoch 3's probe was submitted while the pretraining still ran (ISO times compare as strings)
+    assert times["eval/demo/epoch0003/cifar"]["Submit"] < times["pretrain/demo"]["End"], times
+    probes = sorted(out.glob("checkpoint_evals/demo/epoch*/linear_cifar/linear_metrics.json"))
+    assert [json.loads(p.read_text())["checkpoint"].rsplit("/", 1)[1] for p in probes] == [
+        "checkpoint_0003.pth", "checkpoint_0006.pth"]

@@ -124,13 +124,16 @@ def test_every_config_parses_and_builds_a_model(name):
 
     from transfer import train_net as tn
 
-    cfg = tn.load_config(tn.argument_parser().parse_args(
-        ["--config-file", str(CONFIGS / name), "MODEL.DEVICE", "cpu"]))
+    cfg = tn.load_config(tn.argument_parser().parse_args(  # 8 GPUs: the protocol's values as written
+        ["--config-file", str(CONFIGS / name), "--num-gpus", "8" if name in PROTOCOL else "1",
+         "MODEL.DEVICE", "cpu"]))
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
     assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.280, 103.530]
     assert cfg.MODEL.PIXEL_STD == [58.395, 57.120, 57.375]
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 0 and cfg.TRANSFER.BACKBONE_NAME == ""
     assert not cfg.SOLVER.AMP.ENABLED  # switched off on CPU
+    assert cfg.TRANSFER.NUMERICS == "fast"  # each says so (but the bench's, frozen while it is measured)
+    assert name.startswith("bench_") or "Numerics" in (CONFIGS / name).read_text()
     if name in PROTOCOL:
         assert (cfg.SOLVER.STEPS, cfg.SOLVER.MAX_ITER) == PROTOCOL[name]
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
@@ -143,6 +146,92 @@ def test_every_config_parses_and_builds_a_model(name):
         assert isinstance(model.roi_heads.res5.norm, NaiveSyncBatchNorm)
     if "FPN" in name:
         assert isinstance(model.backbone.fpn_lateral2.norm, NaiveSyncBatchNorm)
+
+
+# The values Base-RCNN-C4-BN.yaml documents for voc_R_50_C4_24k.yaml on k GPUs (8: as written):
+# (IMS_PER_BATCH, BASE_LR, MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD)
+SCALED = {1: (2, 0.0025, 192000, (144000, 176000), 800, 40000),
+          2: (4, 0.005, 96000, (72000, 88000), 400, 20000),
+          4: (8, 0.01, 48000, (36000, 44000), 200, 10000),
+          8: (16, 0.02, 24000, (18000, 22000), 100, 5000)}
+
+
+def test_gpu_scaling_rule_gives_the_documented_values_and_config_yaml_records_them(tmp_path):
+    import yaml
+
+    from transfer import train_net as tn
+
+    def solver(gpus, *opts, machines=1):
+        args = tn.argument_parser().parse_args(["--config-file", str(CONFIGS / "voc_R_50_C4_24k.yaml"),
+                                                "--num-gpus", str(gpus), "--num-machines", str(machines),
+                                                "MODEL.DEVICE", "cpu", *map(str, opts)])
+        return args, tn.load_config(args)
+
+    doc = (CONFIGS / "Base-RCNN-C4-BN.yaml").read_text()
+    for k, want in SCALED.items():
+        cfg = solver(k)[1]
+        s = cfg.SOLVER
+        assert (s.IMS_PER_BATCH, s.BASE_LR, s.MAX_ITER, s.STEPS, s.WARMUP_ITERS, s.CHECKPOINT_PERIOD) == want
+        assert (cfg.TRANSFER.WORLD_SIZE, cfg.TRANSFER.SCALED_FROM) == (k, 0 if k == 8 else 8)
+        if k < 8:  # the config's comment states the same numbers
+            assert f"k={k}: batch {want[0]}, lr {want[1]}" in doc and f"MAX_ITER {want[2]}" in doc
+    assert solver(2, machines=2)[1].SOLVER.IMS_PER_BATCH == 8  # GPUs of every machine count
+    assert solver(1, "SOLVER.REFERENCE_WORLD_SIZE", 0)[1].SOLVER.MAX_ITER == 24000  # told not to
+
+    # what ends up in OUTPUT_DIR/config.yaml (read by provenance) is the scaled config, and the log says so
+    args, _ = solver(2, "OUTPUT_DIR", tmp_path)
+    tn.setup(args)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["SOLVER"]["IMS_PER_BATCH"], saved["SOLVER"]["BASE_LR"], saved["SOLVER"]["MAX_ITER"]) == (4, 0.005, 96000)
+    assert saved["TRANSFER"] == {**saved["TRANSFER"], "WORLD_SIZE": 2, "SCALED_FROM": 8}
+    assert "GPU scaling (linear rule) from the config's 8 GPUs to 2: SOLVER.IMS_PER_BATCH 16 -> 4" in \
+        (tmp_path / "log.txt").read_text()
+
+
+def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsys, corpus, tmp_path, monkeypatch):
+    from transfer import train_net as tn
+
+    voc = str(CONFIGS / "voc_R_50_C4_24k.yaml")
+    for argv in (["--num-gpus", "4", "SOLVER.REFERENCE_WORLD_SIZE", "0", "SOLVER.IMS_PER_BATCH", "2"],  # < GPUs
+                 ["--num-gpus", "3", "SOLVER.REFERENCE_WORLD_SIZE", "0"],   # 16 over 3
+                 ["--num-gpus", "2", "SOLVER.IMS_PER_BATCH", "4"]):        # half an image per GPU at 8
+        assert tn.cli(["--config-file", voc, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {voc}: SOLVER.IMS_PER_BATCH"), err
+    # the GPUs it is told to use must be there (the solver is scaled to them)
+    monkeypatch.setenv("SHAPES_ROOT", str(corpus))
+    shapes = str(CONFIGS / "demo_shapes_voc_R_18_C4.yaml")
+    gpus = torch.cuda.device_count()
+    assert tn.cli(["--config-file", shapes, "--num-gpus", str(gpus + 1), "MODEL.DEVICE", "cuda",
+                   "OUTPUT_DIR", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--num-gpus {gpus + 1}: {gpus} CUDA device(s) visible here" in err[0], err
+
+
+def test_reference_numerics_preset_runs_fp32_without_tf32_and_is_saved(tmp_path, capsys):
+    import yaml
+
+    from transfer import train_net as tn
+
+    voc = str(CONFIGS / "voc_R_50_C4_24k.yaml")
+    parse = lambda *opts: tn.argument_parser().parse_args(["--config-file", voc, "--num-gpus", "8", *opts])  # noqa: E731
+    assert tn.load_config(parse()).SOLVER.AMP.ENABLED  # fast, on CUDA: AMP, as the config says
+    args = parse("TRANSFER.NUMERICS", "reference", "OUTPUT_DIR", str(tmp_path))
+    assert not tn.load_config(args).SOLVER.AMP.ENABLED  # reference: fp32 on CUDA too
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        cfg = tn.setup(args)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())  # provenance reads the preset here
+    assert saved["TRANSFER"]["NUMERICS"] == "reference" and saved["SOLVER"]["AMP"]["ENABLED"] is False
+    assert cfg.TRANSFER.NUMERICS == "reference"
+    assert "numerics reference: AMP off, TF32 matmul False, cudnn False" in (tmp_path / "log.txt").read_text()
+    assert tn.cli(["--config-file", voc, "TRANSFER.NUMERICS", "exact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TRANSFER.NUMERICS 'exact': use fast (AMP) or reference" in err[0]
 
 
 def test_shapes_registered_with_corpus_classes(corpus):

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 import detectron2.utils.comm as comm
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -26,7 +27,11 @@ from suite import contract, provenance
 from transfer import datasets, roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load
 
-logger = logging.getLogger("transfer")
+logger = logging.getLogger("detectron2.transfer")  # into log.txt: default_setup configures "detectron2"
+
+
+class ScalingError(ValueError):
+    """A batch that cannot be split over the processes used (scale_to_world)."""
 
 
 class Trainer(DefaultTrainer):
@@ -62,6 +67,7 @@ class Trainer(DefaultTrainer):
         from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model
 
         super(DefaultTrainer, self).__init__()  # TrainerBase (setup() already set up the loggers)
+        # a no-op after setup()'s scale_to_world (REFERENCE_WORLD_SIZE is then the world size)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -78,27 +84,108 @@ class Trainer(DefaultTrainer):
 
 
 def add_transfer_config(cfg):
-    """TRANSFER.BACKBONE_NAME: the name results are filed under (default: backbone_name)."""
+    """TRANSFER.BACKBONE_NAME: the name results are filed under (default: backbone_name).
+    TRANSFER.NUMERICS: the numerics preset (NUMERICS).
+    Written by the run (what it did, in OUTPUT_DIR/config.yaml): TRANSFER.WORLD_SIZE, the processes
+    (GPUs) that trained; TRANSFER.SCALED_FROM, the SOLVER.REFERENCE_WORLD_SIZE the solver values
+    were scaled from (0: used as written)."""
     cfg.TRANSFER = CN()
     cfg.TRANSFER.BACKBONE_NAME = ""
+    cfg.TRANSFER.NUMERICS = "fast"  # NUMERICS: fast | reference
+    cfg.TRANSFER.WORLD_SIZE = 0
+    cfg.TRANSFER.SCALED_FROM = 0
 
 
-def load_config(args):
-    """The resolved config: defaults + TRANSFER node + config file + trailing `KEY value` opts."""
+# Numerics presets. fast: AMP as SOLVER.AMP.ENABLED says (on in the protocol configs; Detectron2's
+# fp16 AMPTrainer, CUDA only), PyTorch's TF32 defaults. reference: MoCo's released detection configs,
+# fp32: AMP forced off and TF32 off for matmuls and convolutions (they ran on V100s, without TF32).
+NUMERICS = ("fast", "reference")
+
+
+def apply_numerics(cfg):
+    """The preset's AMP switch in cfg (TF32 is per process: set_tf32)."""
+    if cfg.TRANSFER.NUMERICS not in NUMERICS:
+        raise ValueError(f"TRANSFER.NUMERICS {cfg.TRANSFER.NUMERICS!r}: use fast (AMP) or reference "
+                         "(fp32, TF32 off: MoCo's released configs)")
+    if cfg.TRANSFER.NUMERICS == "reference":
+        cfg.SOLVER.AMP.ENABLED = False
+
+
+def set_tf32(cfg):
+    """TF32 off in this process for the reference preset; fast keeps PyTorch's defaults."""
+    if cfg.TRANSFER.NUMERICS == "reference":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return (f"numerics {cfg.TRANSFER.NUMERICS}: AMP {'on' if cfg.SOLVER.AMP.ENABLED else 'off'}, TF32 "
+            f"matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
+
+
+def world_size(args):
+    """Processes that train: --num-gpus per machine (CPU processes with MODEL.DEVICE cpu) times
+    --num-machines, as launch() starts them."""
+    return getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
+
+
+def scale_to_world(cfg, world):
+    """The config for `world` processes by the linear scaling rule (Goyal et al.; MoCo's detection
+    README): Detectron2's DefaultTrainer.auto_scale_workers, which keeps the images per GPU of
+    SOLVER.REFERENCE_WORLD_SIZE (8 in the MoCo-protocol configs; 0 = use the values as written),
+    scales IMS_PER_BATCH and BASE_LR by world/reference and divides STEPS, MAX_ITER, WARMUP_ITERS,
+    CHECKPOINT_PERIOD and TEST.EVAL_PERIOD by it. Records TRANSFER.WORLD_SIZE and SCALED_FROM.
+    A batch that cannot be split evenly over the processes is a ScalingError (one line)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    ref, batch = cfg.SOLVER.REFERENCE_WORLD_SIZE, cfg.SOLVER.IMS_PER_BATCH
+    if ref < 0 or (ref and batch % ref):
+        raise ScalingError(f"SOLVER.IMS_PER_BATCH {batch} over SOLVER.REFERENCE_WORLD_SIZE {ref} GPUs is not a "
+                           f"whole number of images per GPU: give a multiple of {ref} (read at {ref} GPUs and "
+                           "scaled to those used), or SOLVER.REFERENCE_WORLD_SIZE 0 to use the batch as written")
+    cfg = DefaultTrainer.auto_scale_workers(cfg, world)
+    cfg.defrost()
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if batch < world or batch % world:
+        raise ScalingError(f"SOLVER.IMS_PER_BATCH {batch} cannot be split evenly over {world} processes "
+                           f"(--num-gpus x --num-machines): give a multiple of {world} images, or fewer GPUs")
+    cfg.TRANSFER.WORLD_SIZE = world
+    cfg.TRANSFER.SCALED_FROM = ref if ref != world else 0
+    return cfg
+
+
+def scaling_note(written, cfg):
+    """The log line saying what scale_to_world did to the config as `written`."""
+    keys = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS",
+            "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD")
+    get = lambda c, k: c[k.split(".")[0]][k.split(".")[1]]  # noqa: E731
+    if not cfg.TRANSFER.SCALED_FROM:
+        why = ("SOLVER.REFERENCE_WORLD_SIZE 0: the config's values as written" if not written.SOLVER.REFERENCE_WORLD_SIZE
+               else "the config's reference world size")
+        return f"GPU scaling: none on {cfg.TRANSFER.WORLD_SIZE} process(es) ({why})"
+    changes = ", ".join(f"{k} {get(written, k)} -> {get(cfg, k)}" for k in keys if get(written, k) != get(cfg, k))
+    return (f"GPU scaling (linear rule) from the config's {cfg.TRANSFER.SCALED_FROM} GPUs to "
+            f"{cfg.TRANSFER.WORLD_SIZE}: {changes} (SOLVER.REFERENCE_WORLD_SIZE 0 keeps the written values)")
+
+
+def load_config(args, scale=True):
+    """The resolved config: defaults + TRANSFER node + config file + trailing `KEY value` opts, scaled
+    to the processes of `args` (scale_to_world) unless `scale` is false."""
     cfg = get_cfg()
     add_transfer_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    apply_numerics(cfg)
     if cfg.MODEL.DEVICE == "cpu":
         cfg.SOLVER.AMP.ENABLED = False  # Detectron2's AMPTrainer needs CUDA
-    return cfg
+    return scale_to_world(cfg, world_size(args)) if scale else cfg
 
 
 def setup(args):
     datasets.register_shapes()  # here, not at import: spawned workers run main() only
-    cfg = load_config(args)
+    written = load_config(args, scale=False)
+    cfg = scale_to_world(written, world_size(args))  # before default_setup saves config.yaml
     cfg.freeze()
     default_setup(cfg, args)  # logger, config.yaml in OUTPUT_DIR, seed_all_rng(SEED + rank)
+    logger.info(scaling_note(written, cfg))
+    logger.info(set_tf32(cfg))
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("MODEL.DEVICE cpu: AMP off")
     if comm.get_world_size() == 1:
@@ -194,6 +281,8 @@ def check_inputs(args):
     datasets.register_shapes()
     try:
         cfg = load_config(args)
+    except ScalingError as e:
+        raise ValueError(f"{args.config_file}: {e}") from None
     except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad type or value
         raise ValueError(f"{args.config_file} with opts {args.opts}: {e}; fix the key or "
                          "value (see detectron2/config/defaults.py)") from None
@@ -202,6 +291,10 @@ def check_inputs(args):
         raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: no such file (convert a "
                                 "checkpoint with tools/convert_checkpoint.py)")
     check_writable(cfg.OUTPUT_DIR)
+    visible = torch.cuda.device_count()
+    if cfg.MODEL.DEVICE.startswith("cuda") and visible < args.num_gpus:  # the solver is scaled to --num-gpus
+        raise ValueError(f"--num-gpus {args.num_gpus}: {visible} CUDA device(s) visible here; pass "
+                         + (f"--num-gpus {visible} (the solver is scaled to it)" if visible else "MODEL.DEVICE cpu"))
     if cfg.MODEL.WEIGHTS or args.resume:  # safe, finite, and the whole backbone fits
         quiet_load(cfg, args.resume)
 
