@@ -15,6 +15,7 @@ from submitit.slurm import slurm as submitit_slurm
 from slurm import pipeline, registry, tasks
 from slurm.tasks import StageJob
 from suite import contract
+from suite import tasks as task_registry
 
 CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
 
@@ -79,6 +80,12 @@ def parse_args(argv=None):
     q.add_argument("--seeds", type=int, default=5, help="fine-tunes per VOC config")
     q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
     q.add_argument("--first-seed", type=int, default=0)
+    q.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help=f"more transfer tasks, comma- or space-separated: {', '.join(task_registry.TASKS)} "
+                        "(README: Transfer tasks); heavy ones (COCO-sized) get --coco-seeds fine-tunes, "
+                        "the others --seeds")
+    q.add_argument("--task-configs", choices=("reference", "synthetic"), default="reference",
+                   help="the tasks' reference configs (real data) or their synthetic-corpus twins")
     q.add_argument("--random-init", action="store_true",
                    help=f"also fine-tune from no pretrained weights (backbone {contract.RANDOM_INIT})")
     q.add_argument("--probe", nargs="+", default=[], choices=contract.PROBE_PRESETS, metavar="PRESET",
@@ -93,6 +100,11 @@ def parse_args(argv=None):
     q.add_argument("--out", required=True, help="the pipeline's root folder")
     args = parser.parse_args(argv)
     args.stage_args = stage_args
+    if args.command == "pipeline":
+        try:
+            args.tasks = task_registry.parse_task_list(args.tasks)
+        except ValueError as e:
+            parser.error(f"--tasks: {e}")
     if args.command == "pipeline" and stage_args:
         parser.error("pipeline takes stage args through --pretrain-opts / --transfer-opts, not after --")
     return args
@@ -102,7 +114,7 @@ def check_inputs(args):
     """Inputs that a job would only discover after waiting in the queue."""
     files = {"pretrain": [args.config] if args.command == "pretrain" else [],
              "transfer": [*args.config_file, args.weights] if args.command == "transfer" else [],
-             "pipeline": [*args.pretrain_config, *args.voc_config, *args.coco_config]
+             "pipeline": [*args.pretrain_config, *detection_configs(args)]
              if args.command == "pipeline" else []}[args.command]
     for f in files:
         if not Path(f).is_file():
@@ -167,13 +179,19 @@ def check_stage_overrides(args):
     if args.command in ("transfer", "pipeline"):
         from transfer.train_net import load_config
 
-        configs = args.config_file if args.command == "transfer" else [*args.voc_config, *args.coco_config]
+        configs = args.config_file if args.command == "transfer" else detection_configs(args)
         for c in configs:
             try:
                 load_config(argparse.Namespace(config_file=c, opts=list(det)))
             except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type, odd list
                 raise UsageError(f"{c}: Detectron2 overrides {shlex.join(det) or '(none)'} do not "
                                  f"apply ({e}); use KEY VALUE pairs of detectron2/config/defaults.py") from None
+
+
+def detection_configs(args):
+    """The pipeline's Detectron2 configs: --voc-config, --coco-config and those of --tasks."""
+    return [*args.voc_config, *args.coco_config,
+            *(str(pipeline.REPO / task_registry.task_config(t, args.task_configs)) for t in args.tasks)]
 
 
 def writable(folder):
@@ -204,7 +222,8 @@ def stages_for(args):
                                  args.seeds, args.coco_seeds, args.first_seed, args.epochs,
                                  shlex.split(args.transfer_opts), gpus, args.random_init, py,
                                  probe_presets=args.probe, probe_opts=shlex.split(args.probe_opts),
-                                 probe_voc_root=args.probe_voc_root)
+                                 probe_voc_root=args.probe_voc_root, tasks=args.tasks,
+                                 task_configs=args.task_configs)
 
 
 def output_of(args):
