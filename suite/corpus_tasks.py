@@ -1,7 +1,7 @@
 """The transfer tasks' layouts of the synthetic corpus (make_synthetic_data.py --task-layouts), from
 the same scenes as its VOC and COCO layouts (folders: suite.contract.Corpus):
 - COCO person-keypoints format: one category, "shape", whose 4 keypoints are the extreme vertices of
-  its polygon (top, right, bottom, left; a horizontal flip swaps left and right); v=2 visible, v=1
+  its outline (top, right, bottom, left; a horizontal flip swaps left and right); v=2 visible, v=1
   hidden under a shape in front, v=0 outside the image.
 - LVIS v1 format: polygons of the visible part of each shape, frequencies r / c / f by rank of
   training image count (2 rarest classes r, next 3 c, rest f: LVIS's 10 / 100 image thresholds
@@ -65,9 +65,16 @@ def outline_parts(geometry, min_area=1.0):
     return out
 
 
-def extreme_vertices(fill):
-    """Indices of the top, right, bottom and left vertices of a polygon (image y points down)."""
-    return int(np.argmin(fill[:, 1])), int(np.argmax(fill[:, 0])), int(np.argmax(fill[:, 1])), int(np.argmin(fill[:, 0]))
+def outline_vertices(geometry):
+    """The vertices of a shape's outline (a crescent's: both arcs' ends; a ring's: the outer circle)."""
+    parts = getattr(geometry, "geoms", [geometry])
+    return np.concatenate([np.asarray(g.exterior.coords)[:-1] for g in parts if g.geom_type == "Polygon"])
+
+
+def extreme_vertices(points):
+    """Indices of the top, right, bottom and left vertices (image y points down; ties: the first)."""
+    x, y = points[:, 0], points[:, 1]
+    return int(np.argmin(y)), int(np.argmax(x)), int(np.argmax(y)), int(np.argmin(x))
 
 
 class TaskLayouts:
@@ -95,7 +102,7 @@ class TaskLayouts:
             front = unary_union(geoms[j + 1:]) if j + 1 < len(instances) else None
             visible = geoms[j].intersection(frame)
             visible = visible.difference(front) if front is not None else visible
-            kps.append(self._keypoint_annotation(image_id, inst, front, size, Point))
+            kps.append(self._keypoint_annotation(image_id, inst, geoms[j], front, size, Point))
             polys = outline_parts(visible)
             if polys:
                 lvis.append(self._lvis_annotation(image_id, inst["category"] + 1, polys, size))
@@ -105,13 +112,13 @@ class TaskLayouts:
         self._cityscapes(split, image_id, image, size, instances)
 
     # ---------------------------------------------------------------- COCO keypoints
-    def _keypoint_annotation(self, image_id, inst, front, size, Point):
+    def _keypoint_annotation(self, image_id, inst, geometry, front, size, Point):
         from pycocotools import mask as mask_util
 
-        fill = inst["polygons"][0][0]
+        vertices = outline_vertices(geometry)
         flat, labelled = [], 0
-        for k in extreme_vertices(fill):
-            x, y = (float(v) for v in fill[k])
+        for k in extreme_vertices(vertices):
+            x, y = (float(v) for v in vertices[k])
             if not (0 <= x < size and 0 <= y < size):
                 flat += [0, 0, 0]
                 continue
