@@ -3,6 +3,7 @@ read back by the real loaders, each FPN task fine-tuned from a converted backbon
 and evaluated by its community's evaluator, the table's columns with n and mean ± std, the
 reference configs against Detectron2's own, and `submit.py pipeline --tasks`."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from suite import contract, results, tasks
 from suite.corpus import make_corpus
 
 pytestmark = pytest.mark.detectron2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +100,15 @@ METRIC_KEYS = {"coco_kp": ("keypoints", {"AP", "AP50", "AP75"}),
                "cityscapes": ("segm", {"AP", "AP50"})}
 
 
-def test_each_task_fine_tunes_and_the_table_shows_its_metric(task_corpus, weights, tmp_path):
+def test_each_task_fine_tunes_and_the_table_shows_its_metric(task_corpus, weights, tmp_path, monkeypatch):
     """Two seeds of each FPN task, 2 iterations from the converted backbone: final_metrics.json
-    holds the metric of the task's evaluator; the table shows its columns, n=2 and a std."""
+    holds the metric of the task's evaluator; the table shows its columns, n=2 and a std; nothing
+    is written into the working directory (cityscapesscripts' matches.json)."""
     from transfer import train_net as tn
 
+    monkeypatch.chdir((tmp_path / "cwd").mkdir() or tmp_path / "cwd")
     for name, (section, keys) in METRIC_KEYS.items():
-        config = tasks.task_config(name, "synthetic")
+        config = str(ROOT / tasks.task_config(name, "synthetic"))
         for seed in (0, 1):
             out = contract.fine_tune_dir(tmp_path, "demo_r18", contract.task_name(config), seed)
             tn.main(tn.argument_parser().parse_args(
@@ -114,6 +118,7 @@ def test_each_task_fine_tunes_and_the_table_shows_its_metric(task_corpus, weight
             assert record["metric"] == tasks.TASKS[name].metric and record["backbone"] == "demo_r18"
             assert keys <= set(record["results"][section])
             assert all(0 <= record["results"][section][k] <= 100 for k in keys)
+    assert not any((tmp_path / "cwd").iterdir())
     sections, incomplete, _ = results.collect([tmp_path], "none")
     assert not incomplete
     by_task = {task: (columns, rows) for kind, task, columns, rows in sections}
@@ -129,7 +134,7 @@ def test_each_task_fine_tunes_and_the_table_shows_its_metric(task_corpus, weight
 def _cfg(path):
     from transfer import train_net as tn
 
-    return tn.load_config(tn.argument_parser().parse_args(["--config-file", path, "MODEL.DEVICE", "cpu"]))
+    return tn.load_config(tn.argument_parser().parse_args(["--config-file", str(ROOT / path), "MODEL.DEVICE", "cpu"]))
 
 
 def test_reference_configs_follow_detectron2_and_the_moco_protocol():
@@ -178,7 +183,7 @@ def test_pipeline_and_submit_accept_a_task_list(tmp_path):
 
     (tmp_path / "data" / "train").mkdir(parents=True)
     args = submit.parse_args(["pipeline", "--out", str(tmp_path / "out"), "--pretrain-config",
-                              "configs/pretrain/demo.yaml", "--data-root", str(tmp_path / "data"),
+                              str(ROOT / "configs/pretrain/demo.yaml"), "--data-root", str(tmp_path / "data"),
                               "--voc-config", "--coco-config", "--tasks", "voc07,coco_kp", "lvis", "cityscapes",
                               "--seeds", "2", "--coco-seeds", "1", "--cluster", "local"])
     assert args.tasks == ["voc07", "coco_kp", "lvis", "cityscapes"]
@@ -188,7 +193,7 @@ def test_pipeline_and_submit_accept_a_task_list(tmp_path):
                                                                for n in fine_tunes) for t in tasks.TASKS}
     assert per_task == {"voc07_R_50_C4": 2, "cityscapes_R_50_FPN": 2, "coco_kp_R_50_FPN_2x": 1,
                         "lvis_v1_R_50_FPN_1x": 1}
-    stages = pipeline.build_stages({"demo": ("configs/pretrain/demo.yaml", ())}, tmp_path / "data", tmp_path,
+    stages = pipeline.build_stages({"demo": (str(ROOT / "configs/pretrain/demo.yaml"), ())}, tmp_path / "data", tmp_path,
                                    tasks=["lvis"], task_configs="synthetic")
     (ft,) = [s for s in stages if s.kind == "transfer"]
     assert ft.argv[3].endswith(tasks.TASKS["lvis"].synthetic)

@@ -17,14 +17,13 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import (CityscapesInstanceEvaluator, COCOEvaluator, LVISEvaluator,
-                                   PascalVOCDetectionEvaluator, verify_results)
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator, verify_results
 
 from suite import contract
 from suite.tasks import EVALUATOR_METRIC
 from transfer import datasets, roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load
-from transfer.lvis_compat import patch_lvis_eval
+from transfer.evaluator_compat import CityscapesEvaluator, patch_lvis_eval
 
 logger = logging.getLogger("transfer")
 
@@ -58,7 +57,7 @@ class Trainer(DefaultTrainer):
             return LVISEvaluator(dataset_name, tasks=tasks, output_dir=folder,
                                  max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
         if kind == "cityscapes_instance":  # cityscapesscripts' mask AP and AP50 over the gtFine pngs
-            return CityscapesInstanceEvaluator(dataset_name)
+            return CityscapesEvaluator(dataset_name)
         raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
 
     def __init__(self, cfg):
