@@ -400,7 +400,7 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
     extra = None
     if set(TASK_LAYOUTS) & set(layouts):
         from suite.corpus_tasks import TaskLayouts
-        extra = TaskLayouts(root, CLASSES, seed)
+        extra = TaskLayouts(root, CLASSES, seed, set(TASK_LAYOUTS) & set(layouts))
     splits = (("train", "trainval", num_train), ("val", "test", num_test))
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
                   for k, name in enumerate(CLASSES)]

@@ -1,5 +1,5 @@
-"""The transfer tasks' layouts of the synthetic corpus (make_synthetic_data.py --task-layouts), from
-the same scenes as its VOC and COCO layouts (folders: suite.contract.Corpus):
+"""The transfer tasks' layouts of the synthetic corpus (make_synthetic_data.py --layouts naming
+keypoints, lvis, cityscapes), from the same scenes as its VOC and COCO layouts (suite.contract.Corpus):
 - COCO person-keypoints format: one category, "shape", whose 4 keypoints are the extreme vertices of
   its outline (top, right, bottom, left; a horizontal flip swaps left and right); v=2 visible, v=1
   hidden under a shape in front, v=0 outside the image.
@@ -78,25 +78,33 @@ def extreme_vertices(points):
 
 
 class TaskLayouts:
-    """Collects each image of the corpus and writes the three layouts; `finish()` writes the json
-    files and returns what corpus.json records about them."""
+    """Collects each image of the corpus and writes `layouts` (of keypoints, lvis, cityscapes);
+    `finish()` writes the json files and returns what corpus.json records about them."""
 
-    def __init__(self, root, classes, seed):
-        self.corpus, self.classes = contract.Corpus(root), list(classes)
+    def __init__(self, root, classes, seed, layouts=("keypoints", "lvis", "cityscapes")):
+        self.corpus, self.classes, self.layouts = contract.Corpus(root), list(classes), set(layouts)
         self.rng = np.random.default_rng([seed, 18])  # its own stream: the other layouts are unchanged
-        self.cityscapes = dict(zip(self.classes, cityscapes_instance_classes()))
-        self.images = {}       # split -> [(coco image record, lvis image record)]
+        self.cityscapes = (dict(zip(self.classes, cityscapes_instance_classes()))
+                           if "cityscapes" in self.layouts else {})
+        self.images = {}       # split -> [image record (its "lvis": federated labels)]
         self.keypoints = {}    # split -> [annotation]
         self.lvis = {}         # split -> [annotation]
         self.count = {"kp": 0, "lvis": 0}
 
     def add(self, split, image_id, name, image, size, instances):
+        record = {"id": image_id, "file_name": f"{name}.jpg", "width": size, "height": size}
+        self.images.setdefault(split, []).append(record)
+        if "cityscapes" in self.layouts:
+            self._cityscapes(split, image_id, image, size, instances)
+        if {"keypoints", "lvis"} & self.layouts:
+            self._coco_like(split, record, size, instances)
+
+    def _coco_like(self, split, record, size, instances):
         from shapely.geometry import Point, box
         from shapely.ops import unary_union
 
         geoms = [shape_geometry(inst["polygons"]) for inst in instances]
-        frame = box(0, 0, size, size)
-        record = {"id": image_id, "file_name": f"{name}.jpg", "width": size, "height": size}
+        frame, image_id = box(0, 0, size, size), record["id"]
         kps, lvis = [], []
         for j, inst in enumerate(instances):
             front = unary_union(geoms[j + 1:]) if j + 1 < len(instances) else None
@@ -108,8 +116,6 @@ class TaskLayouts:
                 lvis.append(self._lvis_annotation(image_id, inst["category"] + 1, polys, size))
         self.keypoints.setdefault(split, []).extend(kps)
         self.lvis.setdefault(split, []).extend(self._federate(record, lvis))
-        self.images.setdefault(split, []).append(record)
-        self._cityscapes(split, image_id, image, size, instances)
 
     # ---------------------------------------------------------------- COCO keypoints
     def _keypoint_annotation(self, image_id, inst, geometry, front, size, Point):
@@ -212,23 +218,27 @@ class TaskLayouts:
         kp_category = [{"id": 1, "name": "shape", "supercategory": "shape", "keypoints": list(KEYPOINTS),
                         "skeleton": SKELETON}]
         for split, records in self.images.items():
-            plain = [{k: v for k, v in r.items() if k != "lvis"} for r in records]
-            contract.write_json(self.corpus.coco_keypoints(split),
-                                {"info": {"description": "synthetic shapes: extreme vertices"}, "licenses": [],
-                                 "images": plain, "annotations": self.keypoints.get(split, []),
-                                 "categories": kp_category}, mkdir=True)
-            lvis_images = [{"id": r["id"], "width": r["width"], "height": r["height"],
-                            "coco_url": f"synthetic://shapes/{split}/{r['file_name']}", **r["lvis"]}
-                           for r in records]
-            contract.write_json(self.corpus.lvis_annotations(split),
-                                {"info": {"description": "synthetic shapes, LVIS v1 format"}, "licenses": [],
-                                 "images": lvis_images, "annotations": self.lvis.get(split, []),
-                                 "categories": lvis_categories}, mkdir=True)
-        return {"task_layouts": {
-            "keypoints": list(KEYPOINTS), "keypoint_flip_map": [list(p) for p in KEYPOINT_FLIP],
-            "keypoint_skeleton": SKELETON,
-            "lvis_frequency": {self.classes[k - 1]: f for k, f in sorted(freq.items())},
-            "cityscapes_classes": self.cityscapes}}
+            if "keypoints" in self.layouts:
+                plain = [{k: v for k, v in r.items() if k != "lvis"} for r in records]
+                contract.write_json(self.corpus.coco_keypoints(split),
+                                    {"info": {"description": "synthetic shapes: extreme vertices"}, "licenses": [],
+                                     "images": plain, "annotations": self.keypoints.get(split, []),
+                                     "categories": kp_category}, mkdir=True)
+            if "lvis" in self.layouts:
+                lvis_images = [{"id": r["id"], "width": r["width"], "height": r["height"],
+                                "coco_url": f"synthetic://shapes/{split}/{r['file_name']}", **r["lvis"]}
+                               for r in records]
+                contract.write_json(self.corpus.lvis_annotations(split),
+                                    {"info": {"description": "synthetic shapes, LVIS v1 format"}, "licenses": [],
+                                     "images": lvis_images, "annotations": self.lvis.get(split, []),
+                                     "categories": lvis_categories}, mkdir=True)
+        record = {"keypoints": list(KEYPOINTS), "keypoint_flip_map": [list(p) for p in KEYPOINT_FLIP],
+                  "keypoint_skeleton": SKELETON} if "keypoints" in self.layouts else {}
+        if "lvis" in self.layouts:
+            record["lvis_frequency"] = {self.classes[k - 1]: f for k, f in sorted(freq.items())}
+        if "cityscapes" in self.layouts:
+            record["cityscapes_classes"] = self.cityscapes
+        return {"task_layouts": record}
 
 
 def _png(image):

@@ -12,7 +12,7 @@ import torchvision
 
 from pretrain import convert as cc
 from suite import contract, results, tasks
-from suite.corpus import make_corpus
+from suite.corpus import LAYOUTS, TASK_LAYOUTS, make_corpus
 
 pytestmark = pytest.mark.detectron2
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def task_corpus(tmp_path_factory):
     """12 + 6 images of 128 px with the task layouts; SHAPES_ROOT points at it in this module."""
     out = make_corpus(tmp_path_factory.mktemp("tasks") / "shapes", seed=0, num_train=12, num_test=6,
-                      size=128, task_layouts=True)
+                      size=128, layouts=LAYOUTS + TASK_LAYOUTS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SHAPES_ROOT", str(out))
         from transfer import datasets
