@@ -81,11 +81,16 @@ def parse_args(argv=None):
     q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
     q.add_argument("--first-seed", type=int, default=0)
     q.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
-                   help=f"more transfer tasks, comma- or space-separated: {', '.join(task_registry.TASKS)} "
-                        "(README: Transfer tasks); heavy ones (COCO-sized) get --coco-seeds fine-tunes, "
-                        "the others --seeds")
+                   help=f"more transfer tasks, comma- or space-separated: {', '.join(task_registry.TASK_NAMES)} "
+                        "(README: Transfer tasks); heavy Detectron2 ones (COCO-sized) get --coco-seeds "
+                        "fine-tunes, the others and the semi-supervised ones --seeds, the SVMs one run")
     q.add_argument("--task-configs", choices=("reference", "synthetic"), default="reference",
-                   help="the tasks' reference configs (real data) or their synthetic-corpus twins")
+                   help="the Detectron2 tasks' reference configs (real data) or their synthetic-corpus twins")
+    q.add_argument("--semi-data-root", help="semi_1pct / semi_10pct: the ImageFolder they fine-tune on "
+                                            "(default: --data-root)")
+    q.add_argument("--semi-subsets", help="semi_1pct / semi_10pct: the folder holding 1percent.txt and 10percent.txt")
+    q.add_argument("--svm-opts", default="", help='pretrain.svm flags for the SVM tasks')
+    q.add_argument("--semi-opts", default="", help='pretrain.semisup flags for the semi-supervised tasks')
     q.add_argument("--random-init", action="store_true",
                    help=f"also fine-tune from no pretrained weights (backbone {contract.RANDOM_INIT})")
     q.add_argument("--probe", nargs="+", default=[], choices=contract.PROBE_PRESETS, metavar="PRESET",
@@ -127,6 +132,14 @@ def check_inputs(args):
     if "voc07" in getattr(args, "probe", ()) and not (Path(args.probe_voc_root or "") / "VOC2007").is_dir():
         raise UsageError(f"--probe voc07: no VOC2007/ in --probe-voc-root {args.probe_voc_root} "
                          "(default $DETECTRON2_DATASETS)")
+    svm = [t for t in getattr(args, "tasks", ()) if t in contract.SVM_TASKS]
+    if svm and not (Path(args.probe_voc_root or "") / "VOC2007").is_dir():
+        raise UsageError(f"--tasks {svm[0]}: no VOC2007/ in --probe-voc-root {args.probe_voc_root} "
+                         "(default $DETECTRON2_DATASETS)")
+    semi = [t for t in getattr(args, "tasks", ()) if t in contract.SEMI_SUBSETS]
+    if semi and not all((Path(args.semi_subsets or "") / contract.SEMI_SUBSETS[t]).is_file() for t in semi):
+        raise UsageError(f"--tasks {semi[0]}: --semi-subsets {args.semi_subsets} must be a folder holding "
+                         f"{', '.join(contract.SEMI_SUBSETS[t] for t in semi)}")
     check_numbers(args)
     if args.cluster in ("local", "debug") and max(args.nodes, getattr(args, "transfer_nodes", 1)) > 1:
         raise UsageError(f"--nodes > 1 needs --cluster slurm ({args.cluster} runs on this machine)")
@@ -191,7 +204,8 @@ def check_stage_overrides(args):
 def detection_configs(args):
     """The pipeline's Detectron2 configs: --voc-config, --coco-config and those of --tasks."""
     return [*args.voc_config, *args.coco_config,
-            *(str(pipeline.REPO / task_registry.task_config(t, args.task_configs)) for t in args.tasks)]
+            *(str(pipeline.REPO / task_registry.task_config(t, args.task_configs))
+              for t in args.tasks if t in task_registry.TASKS)]
 
 
 def writable(folder):
@@ -222,8 +236,12 @@ def stages_for(args):
                                  args.seeds, args.coco_seeds, args.first_seed, args.epochs,
                                  shlex.split(args.transfer_opts), gpus, args.random_init, py,
                                  probe_presets=args.probe, probe_opts=shlex.split(args.probe_opts),
-                                 probe_voc_root=args.probe_voc_root, tasks=args.tasks,
-                                 task_configs=args.task_configs)
+                                 probe_voc_root=args.probe_voc_root,
+                                 tasks=[t for t in args.tasks if t in task_registry.TASKS],
+                                 task_configs=args.task_configs,
+                                 classification_tasks=[t for t in args.tasks if t in contract.CLASSIFICATION_TASKS],
+                                 svm_opts=shlex.split(args.svm_opts), semi_opts=shlex.split(args.semi_opts),
+                                 semi_data_root=args.semi_data_root, semi_subsets=args.semi_subsets)
 
 
 def output_of(args):

@@ -7,6 +7,8 @@ kind of stage (not a Detectron2 fine-tune) also needs its stage builder in slurm
 from dataclasses import dataclass
 from pathlib import Path
 
+from suite import contract
+
 DETECTRON2 = "detectron2"  # the stage: transfer/train_net.py --config-file CONFIG (one run per seed)
 
 
@@ -72,12 +74,17 @@ def metric_values(metric, results):
     return out
 
 
+# every name `--tasks` takes: these Detectron2 tasks and the classification transfer tasks on frozen
+# or fine-tuned features (suite.contract.CLASSIFICATION_TASKS, slurm.pipeline.classification_stages)
+TASK_NAMES = (*TASKS, *contract.CLASSIFICATION_TASKS)
+
+
 def parse_task_list(values):
     """Task names from `--tasks a,b c` (commas or spaces); unknown names: ValueError naming them."""
     names = [n for v in values for n in v.split(",") if n]
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASK_NAMES]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASK_NAMES)}")
     return list(dict.fromkeys(names))
 
 

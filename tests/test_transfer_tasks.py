@@ -197,6 +197,19 @@ def test_pipeline_and_submit_accept_a_task_list(tmp_path):
                                    tasks=["lvis"], task_configs="synthetic")
     (ft,) = [s for s in stages if s.kind == "transfer"]
     assert ft.argv[3].endswith(tasks.TASKS["lvis"].synthetic)
+    # one list for every kind of task: the classification transfer tasks too
+    (tmp_path / "voc" / "VOC2007").mkdir(parents=True)
+    (tmp_path / "subsets").mkdir()
+    (tmp_path / "subsets" / "1percent.txt").write_text("x\n")
+    mixed = submit.parse_args(["pipeline", "--out", str(tmp_path / "out2"), "--pretrain-config",
+                               str(ROOT / "configs/pretrain/demo.yaml"), "--data-root", str(tmp_path / "data"),
+                               "--voc-config", "--coco-config", "--tasks", "cityscapes,voc07_svm", "semi_1pct",
+                               "--probe-voc-root", str(tmp_path / "voc"), "--semi-subsets", str(tmp_path / "subsets"),
+                               "--seeds", "2", "--cluster", "local"])
+    submit.check_inputs(mixed)
+    names = [s.name for s in submit.stages_for(mixed)]
+    assert sum("/cityscapes_R_50_FPN/" in n for n in names) == 2
+    assert sum("/voc07_svm/" in n for n in names) == 1 and sum("/semi_1pct/" in n for n in names) == 2
     with pytest.raises(pipeline.PipelineError, match="unknown task 'semi'"):
         pipeline.build_stages({}, tmp_path, tmp_path, tasks=["semi"])
     with pytest.raises(SystemExit):
