@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from suite import contract
+from suite import contract, tasks as task_registry
 from suite.contract import PROBE_PRESETS, RANDOM_INIT  # noqa: F401  (names of this module's API)
 
 REPO = Path(__file__).resolve().parents[1]  # the stages run from here (their commands' paths)
@@ -228,7 +228,8 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                  first_seed=0, epochs=None, transfer_opts=(), num_gpus=1, random_init=False,
                  python=sys.executable, *, probe_presets=(), probe_opts=(), probe_voc_root=None,
                  pretrain_seeds=None, classification_tasks=(), svm_opts=(), semi_opts=(), semi_data_root=None,
-                 semi_subsets=None, eval_every=0, eval_probes=(), eval_detection=(), eval_transfer_opts=()):
+                 semi_subsets=None, eval_every=0, eval_probes=(), eval_detection=(), eval_transfer_opts=(),
+                 tasks=(), task_configs="reference"):
     """Every stage of the suite under `out`, in an order that runs each after its inputs, in the
     layout of suite.contract.Layout: for each backbone of `backbones` ({name: (pretraining config,
     overrides)}) its pretraining, its probes, its conversion and its fine-tunes (`seeds` per VOC
@@ -258,7 +259,11 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
     eval_every: N > 0 keeps a snapshot every N epochs (checkpoint.save_every_epochs=N, last on the
     pretraining's command line) and evaluates each as it appears (checkpoint_eval_stages: the
     eval_probes presets with probe_opts, a short fine-tune per eval_detection config with
-    eval_transfer_opts); those stages come right after their pretraining, and the table skips them."""
+    eval_transfer_opts); those stages come right after their pretraining, and the table skips them.
+
+    tasks: names of suite.tasks.TASKS; each Detectron2 task adds the fine-tunes of its config
+    (task_configs "reference": the real-data config, "synthetic": its synthetic-corpus twin), as many
+    as a COCO config (`coco_seeds`) for a heavy task, else as a VOC config (`seeds`)."""
     layout = contract.Layout(Path(out).resolve())
     if random_init and RANDOM_INIT in backbones:
         raise PipelineError(f"a pretraining config is named {RANDOM_INIT}, the name of the "
@@ -283,6 +288,7 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
         raise PipelineError("the voc07 probe reads VOC2007/ from probe_voc_root (submit.py --probe-voc-root, "
                             "default $DETECTRON2_DATASETS): set it")
     abspath = lambda p: str(Path(p).resolve())  # noqa: E731  (jobs may start in another folder)
+    voc_configs, coco_configs = task_detection_configs(tasks, task_configs, voc_configs, coco_configs)
     # units: (backbone, pretraining seed or None); a unit names its folders and stages
     seeded = pretrain_seeds is not None
     pretraining_seeds = pretrain_seeds if seeded else [None]
@@ -360,6 +366,21 @@ def build_stages(backbones, data_root, out, voc_configs=(), coco_configs=(), see
                  for det_config, fine_tune_seeds in runs for seed in (fine_tune_seeds or [k])]
     reads = [s.name for s in probes + transfers]
     return stages + probes + transfers + [results_stage(layout.root, reads, python)]
+
+
+def task_detection_configs(tasks, which, voc_configs=(), coco_configs=()):
+    """(voc-like, coco-like) config lists with the Detectron2 tasks of `tasks` added (paths from the
+    repository root); a task of another kind, or an unknown one, is a PipelineError."""
+    voc, coco = list(voc_configs), list(coco_configs)
+    for name in tasks:
+        task = task_registry.TASKS.get(name)
+        if task is None:
+            raise PipelineError(f"unknown task {name!r}: choose from {', '.join(task_registry.TASKS)}")
+        if task.kind != task_registry.DETECTRON2:
+            raise PipelineError(f"task {name!r} of kind {task.kind!r} has no stage builder here")
+        config = str(REPO / task_registry.task_config(name, which))
+        (coco if task.heavy else voc).append(config)
+    return voc, coco
 
 
 def run_stage(stage, extra=(), resume=False, env=None, log=print, check_done=True, ignore_signals=()):

@@ -16,6 +16,7 @@ from slurm import pipeline, registry, tasks
 from slurm.evaluate import CheckpointWatcher
 from slurm.tasks import StageJob
 from suite import contract
+from suite import tasks as task_registry
 
 CPU_STAGE_MINUTES = 60  # conversion and the results table take seconds
 
@@ -80,6 +81,17 @@ def parse_args(argv=None):
     q.add_argument("--seeds", type=int, default=5, help="fine-tunes per VOC config")
     q.add_argument("--coco-seeds", type=int, default=1, help="fine-tunes per COCO config")
     q.add_argument("--first-seed", type=int, default=0)
+    q.add_argument("--tasks", nargs="+", default=[], metavar="TASK",
+                   help=f"more transfer tasks, comma- or space-separated: {', '.join(task_registry.TASK_NAMES)} "
+                        "(README: Transfer tasks); heavy Detectron2 ones (COCO-sized) get --coco-seeds "
+                        "fine-tunes, the others and the semi-supervised ones --seeds, the SVMs one run")
+    q.add_argument("--task-configs", choices=("reference", "synthetic"), default="reference",
+                   help="the Detectron2 tasks' reference configs (real data) or their synthetic-corpus twins")
+    q.add_argument("--semi-data-root", help="semi_1pct / semi_10pct: the ImageFolder they fine-tune on "
+                                            "(default: --data-root)")
+    q.add_argument("--semi-subsets", help="semi_1pct / semi_10pct: the folder holding 1percent.txt and 10percent.txt")
+    q.add_argument("--svm-opts", default="", help='pretrain.svm flags for the SVM tasks')
+    q.add_argument("--semi-opts", default="", help='pretrain.semisup flags for the semi-supervised tasks')
     q.add_argument("--random-init", action="store_true",
                    help=f"also fine-tune from no pretrained weights (backbone {contract.RANDOM_INIT})")
     q.add_argument("--probe", nargs="+", default=[], choices=contract.PROBE_PRESETS, metavar="PRESET",
@@ -105,6 +117,11 @@ def parse_args(argv=None):
                                                             'e.g. "SOLVER.MAX_ITER 2000 SOLVER.STEPS (1500,)"')
     args = parser.parse_args(argv)
     args.stage_args = stage_args
+    if args.command == "pipeline":
+        try:
+            args.tasks = task_registry.parse_task_list(args.tasks)
+        except ValueError as e:
+            parser.error(f"--tasks: {e}")
     if args.command == "pipeline" and stage_args:
         parser.error("pipeline takes stage args through --pretrain-opts / --transfer-opts, not after --")
     return args
@@ -114,7 +131,7 @@ def check_inputs(args):
     """Inputs that a job would only discover after waiting in the queue."""
     files = {"pretrain": [args.config] if args.command == "pretrain" else [],
              "transfer": [*args.config_file, args.weights] if args.command == "transfer" else [],
-             "pipeline": [*args.pretrain_config, *args.voc_config, *args.coco_config, *args.eval_detection]
+             "pipeline": [*args.pretrain_config, *detection_configs(args), *args.eval_detection]
              if args.command == "pipeline" else []}[args.command]
     for f in files:
         if not Path(f).is_file():
@@ -127,6 +144,14 @@ def check_inputs(args):
     if "voc07" in getattr(args, "probe", ()) and not (Path(args.probe_voc_root or "") / "VOC2007").is_dir():
         raise UsageError(f"--probe voc07: no VOC2007/ in --probe-voc-root {args.probe_voc_root} "
                          "(default $DETECTRON2_DATASETS)")
+    svm = [t for t in getattr(args, "tasks", ()) if t in contract.SVM_TASKS]
+    if svm and not (Path(args.probe_voc_root or "") / "VOC2007").is_dir():
+        raise UsageError(f"--tasks {svm[0]}: no VOC2007/ in --probe-voc-root {args.probe_voc_root} "
+                         "(default $DETECTRON2_DATASETS)")
+    semi = [t for t in getattr(args, "tasks", ()) if t in contract.SEMI_SUBSETS]
+    if semi and not all((Path(args.semi_subsets or "") / contract.SEMI_SUBSETS[t]).is_file() for t in semi):
+        raise UsageError(f"--tasks {semi[0]}: --semi-subsets {args.semi_subsets} must be a folder holding "
+                         f"{', '.join(contract.SEMI_SUBSETS[t] for t in semi)}")
     check_numbers(args)
     if args.cluster in ("local", "debug") and max(args.nodes, getattr(args, "transfer_nodes", 1)) > 1:
         raise UsageError(f"--nodes > 1 needs --cluster slurm ({args.cluster} runs on this machine)")
@@ -180,7 +205,7 @@ def check_stage_overrides(args):
     if args.command in ("transfer", "pipeline"):
         from transfer.train_net import ScalingError, load_config
 
-        configs = args.config_file if args.command == "transfer" else [*args.voc_config, *args.coco_config]
+        configs = args.config_file if args.command == "transfer" else detection_configs(args)
         # the processes each fine-tune runs (a CPU job: one): its config is scaled to them
         nodes = args.transfer_nodes if args.command == "pipeline" else args.nodes
         shape = dict(num_gpus=max(1, args.gpus_per_node), num_machines=nodes)
@@ -192,6 +217,13 @@ def check_stage_overrides(args):
             except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, type, odd list
                 raise UsageError(f"{c}: Detectron2 overrides {shlex.join(det) or '(none)'} do not "
                                  f"apply ({e}); use KEY VALUE pairs of detectron2/config/defaults.py") from None
+
+
+def detection_configs(args):
+    """The pipeline's Detectron2 configs: --voc-config, --coco-config and those of --tasks."""
+    return [*args.voc_config, *args.coco_config,
+            *(str(pipeline.REPO / task_registry.task_config(t, args.task_configs))
+              for t in args.tasks if t in task_registry.TASKS)]
 
 
 def writable(folder):
@@ -224,7 +256,12 @@ def stages_for(args):
                                  probe_presets=args.probe, probe_opts=shlex.split(args.probe_opts),
                                  probe_voc_root=args.probe_voc_root, eval_every=args.eval_every,
                                  eval_probes=args.eval_probe, eval_detection=args.eval_detection,
-                                 eval_transfer_opts=shlex.split(args.eval_transfer_opts))
+                                 eval_transfer_opts=shlex.split(args.eval_transfer_opts),
+                                 tasks=[t for t in args.tasks if t in task_registry.TASKS],
+                                 task_configs=args.task_configs,
+                                 classification_tasks=[t for t in args.tasks if t in contract.CLASSIFICATION_TASKS],
+                                 svm_opts=shlex.split(args.svm_opts), semi_opts=shlex.split(args.semi_opts),
+                                 semi_data_root=args.semi_data_root, semi_subsets=args.semi_subsets)
 
 
 def output_of(args):

@@ -257,7 +257,7 @@ def pretrain_config_of_weights(weights):
 class Corpus:
     """The folders of a synthetic corpus (suite/corpus.py): the same images in three layouts.
     DIR/imagefolder/{train,val}/<class>/<id>.jpg, DIR/VOC2007/ (Pascal VOC), DIR/coco/ (COCO JSON),
-    DIR/corpus.json."""
+    DIR/corpus.json; with --layouts naming them also COCO keypoints, LVIS and Cityscapes (below)."""
     root: Path
 
     def __post_init__(self):
@@ -285,6 +285,28 @@ class Corpus:
     def subsets(self):
         """The semi-supervised subset lists (SEMI_SUBSETS' files: one train image name a line)."""
         return self.root / "subsets"
+
+    # the transfer tasks' layouts (make_synthetic_data.py --layouts ...,keypoints,lvis,cityscapes; suite/corpus_tasks.py)
+    def coco_keypoints(self, split):
+        """COCO person-keypoints format, images in coco/<split>/ (COCO's file name)."""
+        return self.root / "coco" / "annotations" / f"person_keypoints_{split}.json"
+
+    def lvis_annotations(self, split):
+        """LVIS v1 format; its images' coco_url names coco/<split>/<file> (Detectron2's LVIS loader)."""
+        return self.root / "lvis" / f"lvis_v1_{split}.json"
+
+    @property
+    def lvis_image_root(self):
+        return self.root / "coco"
+
+    def cityscapes_images(self, split):
+        """cityscapes/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png"""
+        return self.root / "cityscapes" / "leftImg8bit" / split
+
+    def cityscapes_gt(self, split):
+        """cityscapes/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_{polygons.json,labelIds.png,
+        instanceIds.png}"""
+        return self.root / "cityscapes" / "gtFine" / split
 
 
 def corpus_classes(root):

@@ -179,9 +179,11 @@ def _sample_object(rng, cls, area_range, size, upright=False):
     if upright:
         angle, aspect = 0.0, 1.0
     mask = _rasterize(CLASSES[cls], center, radius, angle, aspect, size)
-    fills = np.concatenate(_place(CLASSES[cls], center, radius, angle, aspect)[0])
+    polygons = _place(CLASSES[cls], center, radius, angle, aspect)
+    fills = np.concatenate(polygons[0])
     truncated = bool((fills < 0).any() or (fills > size).any())  # VOC: extends past the frame
-    return {"category": cls, "mask": mask, "full": int(mask.sum()), "truncated": truncated}
+    return {"category": cls, "mask": mask, "full": int(mask.sum()), "truncated": truncated,
+            "polygons": polygons}
 
 
 def _compose(rng, target, size, min_pixels, max_objects, target_area, upright=False):
@@ -236,8 +238,9 @@ def _paint(rng, size, objects, labels, preset):
 def make_image(rng, target, size, preset=PRESETS["scenes"]):
     """One scene (of `preset`) whose largest visible object has class `target`.
 
-    Returns the PIL image and a list of visible instances (category, bool mask, truncated),
-    back to front; masks are what remains visible after occlusion.
+    Returns the PIL image and a list of visible instances (category, bool mask, truncated, and
+    the placed shape's (fill, hole) polygons), back to front; masks are what remains visible after
+    occlusion.
     """
     min_pixels = max(10, int(0.0025 * size * size))
     for attempt in range(20):
@@ -251,7 +254,8 @@ def make_image(rng, target, size, preset=PRESETS["scenes"]):
             break
     image = _paint(rng, size, objects, labels, preset)
     instances = [{"category": objects[j]["category"], "mask": labels == j + 1,
-                  "truncated": objects[j]["truncated"]} for j in keep]
+                  "truncated": objects[j]["truncated"], "polygons": objects[j]["polygons"]}
+                 for j in keep]
     return image, instances
 
 
@@ -360,22 +364,27 @@ def _check_args(out, seed, num_train, num_test, size, overwrite, preset):
 
 
 LAYOUTS = ("imagefolder", "voc", "coco")
+# the transfer tasks' layouts (suite/corpus_tasks.py), written only when asked for; keypoints and
+# lvis annotate the coco/ images
+TASK_LAYOUTS = ("keypoints", "lvis", "cityscapes")
 
 
 def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=False,
                 preset="scenes", layouts=LAYOUTS):
     """Write the corpus of `preset` to `out` (see docs/formats.md) and return it as a Path.
-    `layouts`: which of LAYOUTS to write (the same images in each); imagefolder alone needs
-    neither pycocotools nor Detectron2 (a pretraining-only machine).
+    `layouts`: which of LAYOUTS and TASK_LAYOUTS to write (the same images in each); imagefolder
+    alone needs neither pycocotools nor Detectron2 (a pretraining-only machine).
 
     Built in a sibling folder that replaces `out` at the end (suite.contract.replace_dir), so
     `out` never holds half a corpus. Raises CorpusError for bad arguments or an unusable `out`.
     """
     out = Path(out).expanduser().absolute()
     _check_args(out, seed, num_train, num_test, size, overwrite, preset)
-    unknown = sorted(set(layouts) - set(LAYOUTS))
+    unknown = sorted(set(layouts) - set(LAYOUTS + TASK_LAYOUTS))
     if unknown or not layouts:
-        raise CorpusError(f"layouts {unknown or 'none'}: choose among {', '.join(LAYOUTS)}")
+        raise CorpusError(f"layouts {unknown or 'none'}: choose among {', '.join(LAYOUTS + TASK_LAYOUTS)}")
+    if {"keypoints", "lvis"} & set(layouts) and "coco" not in layouts:
+        raise CorpusError("layouts keypoints and lvis annotate the coco/ images: add coco to the layouts")
     try:
         contract.replace_dir(out, lambda stage: _write_corpus(stage, seed, num_train, num_test, size, preset,
                                                               set(layouts)))
@@ -388,6 +397,10 @@ def make_corpus(out, seed=0, num_train=800, num_test=200, size=128, overwrite=Fa
 def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozenset(LAYOUTS)):
     corpus = contract.Corpus(root)
     rng = np.random.default_rng(seed)
+    extra = None
+    if set(TASK_LAYOUTS) & set(layouts):
+        from suite.corpus_tasks import TaskLayouts
+        extra = TaskLayouts(root, CLASSES, seed, set(TASK_LAYOUTS) & set(layouts))
     splits = (("train", "trainval", num_train), ("val", "test", num_test))
     categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
                   for k, name in enumerate(CLASSES)]
@@ -412,6 +425,8 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
             if "voc" in layouts:
                 _put(corpus.voc / "JPEGImages" / f"{name}.jpg", jpeg)
                 _put(corpus.voc / "Annotations" / f"{name}.xml", _voc_xml(name, size, instances))
+            if extra:
+                extra.add(coco_split, image_id, name, image, size, instances)
             if "coco" in layouts:
                 _put(corpus.coco_images(coco_split) / f"{name}.jpg", jpeg)
                 images.append({"id": image_id, "file_name": f"{name}.jpg", "width": size,
@@ -431,12 +446,13 @@ def _write_corpus(root, seed, num_train, num_test, size, preset, layouts=frozens
         for task, fraction in SUBSET_FRACTIONS.items():
             names = subset_names(train_names, fraction, np.random.default_rng((seed, round(fraction * 100))))
             _put(corpus.subsets / contract.SEMI_SUBSETS[task], "".join(f"{x}\n" for x in names).encode())
+    tasks = extra.finish() if extra else {}
     contract.write_json(corpus.record,
                 {"generator": "tools/make_synthetic_data.py", "seed": seed, "preset": preset,
                  "preset_values": asdict(PRESETS[preset]),
                  "num_train": num_train, "num_test": num_test, "size": size, "layouts": sorted(layouts),
                  "classes": list(CLASSES), "jpeg_quality": JPEG_QUALITY,
-                 "imagefolder_counts": counts}, sort_keys=True)
+                 "imagefolder_counts": counts, **tasks}, sort_keys=True)
 
 
 def main(argv=None):
@@ -450,8 +466,9 @@ def main(argv=None):
                         help="scenes: 1-6 coloured shapes on textured grounds (default); "
                              "objects: one grey shape on a plain ground (docs/bench.md)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS),
-                        help="comma-separated layouts to write (default: all): imagefolder alone needs no "
-                             "pycocotools")
+                        help=f"comma-separated layouts to write (default: {','.join(LAYOUTS)}): imagefolder "
+                             f"alone needs no pycocotools; the transfer tasks' {','.join(TASK_LAYOUTS)} "
+                             "(suite/corpus_tasks.py) are written only when named")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing corpus in --out")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from suite import checkpoint_evals, contract  # noqa: E402
-from suite.results import aggregate, columns_for, find_runs, not_a_directory  # noqa: E402
+from suite.results import aggregate, columns_for, find_runs, not_a_directory, section_metrics  # noqa: E402
 
 # (axis title, record type, key, one-hot reference: a key, a constant, or None). The label-quality
 # panels draw SLR's ȳ solid and the one-hot y dashed in the same colour (docs/label_quality.md):
@@ -87,12 +87,14 @@ def plot_bars(runs, kind):
     groups of bars per column, one bar per backbone, error bars = sample std over seeds (none
     for n=1). Returns the Figure."""
     table = {task: groups for (k, task), groups in sorted(aggregate(runs).items()) if k == kind}
+    metrics = section_metrics(runs)  # a transfer task's columns (suite/tasks.py)
     fig = Figure(figsize=(5 * max(1, len(table)), 4), dpi=100)
     axes = fig.subplots(1, max(1, len(table)), squeeze=False)[0]
     colors = backbone_colors(runs)
     for ax, (task, groups) in zip(axes, table.items()):
         backbones = sorted(groups)
-        columns = [c for c in columns_for(kind, task) if any(c in groups[b] for b in backbones)]
+        columns = [c for c in columns_for(kind, task, metric=metrics.get((kind, task), ""))
+                   if any(c in groups[b] for b in backbones)]
         width = 0.8 / len(backbones)
         for j, backbone in enumerate(backbones):
             cells = [groups[backbone].get(c) for c in columns]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from suite import contract, provenance, stats
+from suite import contract, provenance, stats, tasks
 
 PRETRAIN_COLUMNS = ("kNN top-1", "linear top-1", "VOC07 cls mAP")
 # SLR's label quality at the end of a run (docs/label_quality.md): the % of the mass SLR moves off
@@ -55,6 +55,7 @@ class Run:
     method: str = ""               # pretraining: the method and its resolved switches (a note)
     method_name: str = ""          # pretraining: the resolved method alone (mocov2, sane, ...)
     provenance: list = field(default_factory=list)  # provenance.json records (+ "path"): run, probes
+    metric: str = ""               # detection: suite.tasks.METRICS key recorded by train_net ("" before)
 
 
 # ---------------------------------------------------------------- readers (shared with plots)
@@ -198,8 +199,11 @@ def read_pretrain_run(d):
     return run
 
 
-def detection_metrics(results):
-    """Table columns from final_metrics.json 'results' (Detectron2's AP in percent)."""
+def detection_metrics(results, metric=""):
+    """Table columns from final_metrics.json 'results' (Detectron2's AP in percent): those of its
+    recorded metric (suite.tasks.METRICS), else (runs from before it was recorded) VOC's and COCO's."""
+    if metric in tasks.METRICS:
+        return tasks.metric_values(metric, results)
     bbox, segm = results.get("bbox") or {}, results.get("segm") or {}
     out = {k: bbox[k] for k in VOC_COLUMNS if k in bbox}
     if "AP" in bbox:
@@ -214,11 +218,13 @@ def _seed(recorded, from_dir):
     return recorded if isinstance(recorded, int) and recorded >= 0 else from_dir
 
 
-def columns_for(kind, task, with_slr=True):
+def columns_for(kind, task, with_slr=True, metric=""):
     if kind == "pretrain":
         return PRETRAIN_COLUMNS + (SLR_COLUMNS if with_slr else ())
     if kind == "classification":
         return dict(zip(contract.SVM_TASKS, (SVM_COLUMNS, LOWSHOT_COLUMNS))).get(task, SEMI_COLUMNS)
+    if metric in tasks.METRICS:
+        return tasks.columns(metric)
     return COCO_COLUMNS if "coco" in task.lower() else VOC_COLUMNS
 
 
@@ -229,10 +235,12 @@ def read_detection_run(d):
         run = Run(d, "detection", str(fm.get("backbone") or layout_backbone),
                   str(fm.get("task") or layout_task), _seed(fm.get("seed"), seed))
         results = fm.get("results")
-        run.metrics = detection_metrics(results) if isinstance(results, dict) else {}
+        run.metric = str(fm.get("metric") or "")
+        run.metrics = detection_metrics(results, run.metric) if isinstance(results, dict) else {}
         _put_provenance(run, d)
         # train_net writes NaN as null; either in a shown column (or none shown) = failed
-        shown = [run.metrics[c] for c in columns_for("detection", run.task) if c in run.metrics]
+        shown = [run.metrics[c] for c in columns_for("detection", run.task, metric=run.metric)
+                 if c in run.metrics]
         if not shown or not all(_finite(v) for v in shown):
             run.problem = f"failed: final_metrics.json results are empty or NaN ({results!r:.80})"
         return run
@@ -407,15 +415,20 @@ def summarize(values):
     return statistics.fmean(values), (statistics.stdev(values) if n > 1 else None), n
 
 
+def section_metrics(runs):
+    """{(kind, task): the metric its complete runs recorded} (tasks with none: not in it)."""
+    return {(r.kind, r.task): r.metric for r in runs if r.metric and not r.problem}
+
+
 def aggregate(runs):
     """{(kind, task): {backbone: {column: (mean, std, n)}}} over complete runs only; a backbone
     whose runs are all incomplete keeps an empty row, so the table shows the gap."""
-    table = {}
+    table, metrics = {}, section_metrics(runs)
     for r in runs:
         cells = table.setdefault((r.kind, r.task), {}).setdefault(r.backbone, {})
         if r.problem:
             continue
-        for column in columns_for(r.kind, r.task):
+        for column in columns_for(r.kind, r.task, metric=metrics.get((r.kind, r.task), "")):
             if _finite(r.metrics.get(column)):
                 cells.setdefault(column, []).append(float(r.metrics[column]))
     return {key: {b: {c: summarize(v) for c, v in cols.items()} for b, cols in groups.items()}
@@ -536,15 +549,17 @@ def read_reported(path=REPORTED_FILE):
 def build_sections(runs, reported, mode="match"):
     """Sections of the table: (kind, task, columns, rows); a row is (label, source, {column: cell})
     with cell = (mean, std, n) for measured rows and (value, None, None) for reported ones."""
-    sections, used = [], set()
+    sections, used, metrics = [], set(), section_metrics(runs)
     # pretraining sections first, then detection, then classification transfer, each by task name
     order = {"pretrain": 0, "detection": 1}
     for (kind, task), groups in sorted(aggregate(runs).items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0])):
-        columns = columns_for(kind, task, with_slr=any(SLR_COLUMNS[0] in cells for cells in groups.values()))
+        columns = columns_for(kind, task, with_slr=any(SLR_COLUMNS[0] in cells for cells in groups.values()),
+                              metric=metrics.get((kind, task), ""))
         if kind == "classification":  # a low-shot sweep may stop short of k=96
             columns = tuple(c for c in columns if any(c in cells for cells in groups.values())) or columns
         rows = [(b, "measured", cells) for b, cells in sorted(groups.items())]
-        for keyword, entries in reported.items():
+        # the published VOC07+12 / COCO rows are not those of the suite.tasks tasks (VOC07 alone, ...)
+        for keyword, entries in ({} if task in tasks.TASK_FOLDERS else reported).items():
             if mode == "match" and keyword in task.lower() and not SYNTHETIC.search(task) \
                     or mode == "all" and keyword in task.lower():
                 used.add(keyword)

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 REQS=(requirements.txt)
-stamp="$(cat "${REQS[@]}" | sha256sum | cut -d' ' -f1) $(sha256sum pyproject.toml | cut -d' ' -f1)"
+NODEPS=requirements-nodeps.txt  # installed with --no-deps (its comments say why)
+stamp="$(cat "${REQS[@]}" "$NODEPS" | sha256sum | cut -d' ' -f1) $(sha256sum pyproject.toml | cut -d' ' -f1)"
 
 install_suite() {  # editable, over the pinned stack: --no-deps keeps requirements.txt's versions
   local out  # (setuptools' editable build warns at length: shown only when it fails)
@@ -52,7 +53,8 @@ rm -rf "$VENV"
 "$py" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip wheel 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -m pip install -q "${REQS[@]/#/-r}" 2>&1 | grep -v "is ignored: it is neither" || true
-"$VENV/bin/python" -c "import torch, torchvision, detectron2, submitit, pycocotools" \
+"$VENV/bin/python" -m pip install -q --no-deps -r "$NODEPS" 2>&1 | grep -v "is ignored: it is neither" || true
+"$VENV/bin/python" -c "import torch, torchvision, detectron2, submitit, pycocotools, lvis, shapely, cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling" \
   || { echo "setup: the installed stack does not import; see the pip output above" >&2; exit 1; }
 install_suite
 echo "$stamp" > "$VENV/.stamp"

@@ -1,12 +1,14 @@
-"""Datasets for fine-tuning: VOC and COCO are Detectron2's builtins under $DETECTRON2_DATASETS; the
-synthetic shapes corpus is registered with Detectron2's own VOC and COCO functions (SHAPES_ROOT),
-with the class list its corpus.json records."""
+"""Datasets for fine-tuning: VOC, COCO (keypoints too), LVIS and Cityscapes are Detectron2's builtins
+under $DETECTRON2_DATASETS; the synthetic shapes corpus is registered with Detectron2's own VOC and
+COCO functions (SHAPES_ROOT), with the class list its corpus.json records, and its transfer-task
+splits with Detectron2's keypoint, LVIS and Cityscapes loaders (transfer/task_datasets.py)."""
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances, register_pascal_voc  # + builtins
 
 from suite import contract
+from transfer.task_datasets import TASK_SPLITS, register_task_splits
 
 # name -> (layout, split) inside the corpus written by tools/make_synthetic_data.py
 SHAPES_SPLITS = {
@@ -41,7 +43,8 @@ def shapes_classes(root):
 
 
 def register_shapes(root=None):
-    """(Re-)register the four shapes splits rooted at `root` (default: shapes_root())."""
+    """(Re-)register the shapes splits rooted at `root` (default: shapes_root()): the four VOC/COCO
+    ones and the transfer tasks' (TASK_SPLITS)."""
     corpus = contract.Corpus(root or shapes_root())
     classes = shapes_classes(corpus.root)
     for name, (layout, split) in SHAPES_SPLITS.items():
@@ -55,6 +58,7 @@ def register_shapes(root=None):
             register_coco_instances(name, {}, str(corpus.coco_annotations(split)), str(corpus.coco_images(split)))
             MetadataCatalog.get(name).thing_classes = classes  # before the json is read
         MetadataCatalog.get(name).corpus_record = str(corpus.record)
+    register_task_splits(corpus, classes)
 
 
 def dataset_paths(name):
@@ -63,6 +67,8 @@ def dataset_paths(name):
     meta = MetadataCatalog.get(name)
     if meta.get("dirname"):  # Pascal VOC layout
         paths = [os.path.join(meta.dirname, "ImageSets", "Main", f"{meta.split}.txt")]
+    elif meta.get("gt_dir"):  # Cityscapes layout
+        paths = [meta.image_dir, meta.gt_dir]
     else:
         paths = [p for p in (meta.get("json_file"), meta.get("image_root")) if p]
     return paths + ([meta.corpus_record] if meta.get("corpus_record") else [])
@@ -73,12 +79,15 @@ def check_datasets(names):
     for name in names:
         if name not in DatasetCatalog.list():
             raise DatasetMissingError(
-                f"dataset '{name}' is not registered; known: VOC/COCO builtins and "
-                f"{', '.join(SHAPES_SPLITS)}")
+                f"dataset '{name}' is not registered; known: Detectron2's builtins and "
+                f"{', '.join([*SHAPES_SPLITS, *TASK_SPLITS])}")
         for path in dataset_paths(name):
             if not os.path.exists(path):
-                env = "SHAPES_ROOT" if name in SHAPES_SPLITS else "DETECTRON2_DATASETS"
-                root = shapes_root() if name in SHAPES_SPLITS else datasets_root()
+                shapes = name in SHAPES_SPLITS or name in TASK_SPLITS
+                env = "SHAPES_ROOT" if shapes else "DETECTRON2_DATASETS"
+                root = shapes_root() if shapes else datasets_root()
+                hint = (" (a corpus made with make_synthetic_data.py --layouts imagefolder,voc,coco,keypoints,lvis,cityscapes)"
+                        if name in TASK_SPLITS else "")
                 raise DatasetMissingError(
                     f"dataset '{name}': expected {path}, not found; set {env} (now {root}) "
-                    "to the folder holding it (README: Datasets)")
+                    f"to the folder holding it{hint} (README: Datasets)")

@@ -21,11 +21,13 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator, verify_results
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator, verify_results
 
 from suite import contract, provenance
+from suite.tasks import EVALUATOR_METRIC
 from transfer import datasets, roi_heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
 from transfer.checkpoint import SafeCheckpointer, WeightsError, quiet_load
+from transfer.evaluator_compat import CityscapesEvaluator, patch_lvis_eval
 
 logger = logging.getLogger("detectron2.transfer")  # into log.txt: default_setup configures "detectron2"
 
@@ -51,10 +53,19 @@ class Trainer(DefaultTrainer):
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if kind == "pascal_voc":  # VOC07 11-point AP50 + COCO-style AP/AP75 over IoU 0.5:0.95
             return PascalVOCDetectionEvaluator(dataset_name)
-        if kind == "coco":
+        folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if kind == "coco":  # box, mask and keypoint AP (OKS with TEST.KEYPOINT_OKS_SIGMAS, default COCO's)
+            tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + \
+                (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder,
+                                 kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS)
+        if kind == "lvis":  # the LVIS API's federated AP, with APr / APc / APf
+            patch_lvis_eval()
             tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=folder)
+            return LVISEvaluator(dataset_name, tasks=tasks, output_dir=folder,
+                                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        if kind == "cityscapes_instance":  # cityscapesscripts' mask AP and AP50 over the gtFine pngs
+            return CityscapesEvaluator(dataset_name)
         raise ValueError(f"no evaluator for dataset '{dataset_name}' (evaluator_type {kind!r})")
 
     def __init__(self, cfg):
@@ -206,6 +217,14 @@ def _finite(x):
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
+def metric_of(cfg):
+    """The table's metric of this run (suite.tasks.METRICS): from the test dataset's evaluator,
+    "keypoints" for a keypoint model."""
+    kind = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("evaluator_type") if cfg.DATASETS.TEST else None
+    metric = EVALUATOR_METRIC.get(kind, "")
+    return "keypoints" if metric == "coco" and cfg.MODEL.KEYPOINT_ON else metric
+
+
 def write_final_metrics(cfg, args, results, iteration):
     """OUTPUT_DIR/final_metrics.json, atomically, on the main process."""
     record = {
@@ -215,6 +234,7 @@ def write_final_metrics(cfg, args, results, iteration):
         "weights": cfg.MODEL.WEIGHTS,
         "seed": cfg.SEED,
         "iter": iteration,
+        "metric": metric_of(cfg),
         "results": _finite({k: dict(v) for k, v in results.items()}),
     }
     contract.write_json(contract.done_file("transfer", cfg.OUTPUT_DIR), record)
