@@ -5,7 +5,6 @@ the kNN top-1 of the same frozen features (the trainer's monitor protocol).
 import argparse
 import json
 import math
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +21,7 @@ from pretrain.data import CIFAR, MEAN, STD, cifar_dataset, eval_transform
 from pretrain.knn import extract_features, knn_top1
 from pretrain.model import STEMS, build_backbone
 from pretrain.safe_load import WeightsFileError
-from pretrain.utils import MetricLogger, UserError, cosine_lr, seed_all
+from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command, seed_all
 from pretrain.weights import BackboneError, backbone_stem, read_backbone
 from suite import contract, provenance
 
@@ -426,14 +425,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        result = run_probe(args)
-    except UserError as e:
-        print(f"pretrain.linear: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result))
-    return result
+    return run_command("pretrain.linear", run_probe, parse_args(argv))
 
 
 def cli(argv=None):

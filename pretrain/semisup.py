@@ -11,8 +11,6 @@ train views RandomResizedCrop + flip, val views resize + center crop (the kNN mo
 trained with the rest; bf16 autocast on CUDA. One process on one device; a rerun starts over (no
 resume), as the linear probe."""
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pretrain.linear import image_folders, probe_backbone, probe_transforms
 from pretrain.model import STEMS
-from pretrain.utils import MetricLogger, UserError, cosine_lr, seed_all
+from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command, seed_all
 from suite import contract
 
 EPOCHS = {"semi_1pct": 60, "semi_10pct": 30}
@@ -173,14 +171,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except UserError as e:
-        print(f"pretrain.semisup: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: result[k] for k in ("task", "backbone", "seed", "top1", "top5", "num_labelled")}))
-    return result
+    return run_command("pretrain.semisup", run, parse_args(argv), ("task", "backbone", "seed", "top1", "top5", "num_labelled"))
 
 
 def cli(argv=None):

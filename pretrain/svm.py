@@ -20,10 +20,8 @@ The protocol, as VISSL's SVMTrainer / SVMLowShotTrainer and create_voc07_low_sho
   (ddof=1) over the samples at that cost (VISSL prints ddof=0).
 The fits run in --jobs processes (joblib: classes for voc07_svm, draws for voc07_lowshot)."""
 import argparse
-import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from pretrain.data import MEAN, STD
 from pretrain.knn import extract_features
 from pretrain.linear import _parse_classes, average_precision, probe_backbone, voc07_sets
 from pretrain.model import STEMS
-from pretrain.utils import UserError, seed_all
+from pretrain.utils import UserError, run_command, seed_all
 from suite import contract
 
 # VISSL's benchmark configs (svm/voc07 and low_shot_transfer/voc07)
@@ -264,14 +262,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except UserError as e:
-        print(f"pretrain.svm: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({k: result[k] for k in ("task", "backbone", "mAP", "low_shot") if k in result}))
-    return result
+    return run_command("pretrain.svm", run, parse_args(argv), ("task", "backbone", "mAP", "low_shot"))
 
 
 def cli(argv=None):

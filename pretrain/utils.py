@@ -16,6 +16,18 @@ import torch.distributed as dist
 from suite import contract
 
 
+def run_command(prog, run, args, summary=None):
+    """The main of a probe-like command: `run(args)`; a UserError is one line on stderr and exit 2;
+    the result (or the keys of it in `summary`) printed as one JSON line, and returned."""
+    try:
+        result = run(args)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result if summary is None else {k: result[k] for k in summary if k in result}))
+    return result
+
+
 class UserError(Exception):
     """Bad input (config, data folder): the CLI prints the message and exits with code 2."""
 
