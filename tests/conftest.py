@@ -1,6 +1,6 @@
 """Shared pytest fixtures: the `gpu` marker skips without CUDA, the `detectron2` marker without
 Detectron2 (`make setup` always installs it, and checks the import, so CI runs those tests), a
-small synthetic corpus."""
+small synthetic corpus, and a converted demo backbone."""
 import importlib.util
 
 import pytest
@@ -34,3 +34,20 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "shapes"
     make_corpus(out, seed=0, num_train=48, num_test=24, size=64)
     return out
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """Detectron2 weights of a converted demo backbone: a torchvision resnet18 (seed 0) saved as a
+    pretraining checkpoint, through pretrain.convert (test_slurm_cluster has its own)."""
+    import torchvision
+
+    from pretrain import convert
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    folder = tmp_path_factory.mktemp("demo_r18")
+    torch.save({"model": {f"encoder_q.{k}": v for k, v in net.state_dict().items()}, "epoch": 1},
+               folder / "checkpoint.pth")
+    convert.convert(folder / "checkpoint.pth", folder / "demo_r18.pkl", log=lambda s: None)
+    return folder / "demo_r18.pkl"

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
-from pretrain import convert as cc
 from suite.corpus import CLASSES
 
 pytestmark = pytest.mark.detectron2
@@ -29,18 +27,6 @@ def shapes(corpus):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SHAPES_ROOT", str(corpus))
         yield corpus
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A converted demo backbone: a torchvision resnet18 saved as a pretraining checkpoint."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    folder = tmp_path_factory.mktemp("demo_r18")
-    torch.save({"model": {f"encoder_q.{k}": v for k, v in net.state_dict().items()}, "epoch": 1},
-               folder / "checkpoint.pth")
-    cc.convert(folder / "checkpoint.pth", folder / "demo_r18.pkl", log=lambda s: None)
-    return folder / "demo_r18.pkl"
 
 
 def train_net(config, out, *opts, resume=False, eval_only=False):

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 
-from pretrain import convert as cc
 from suite import contract, results, tasks
 from suite.corpus import LAYOUTS, TASK_LAYOUTS, make_corpus
 
@@ -29,18 +26,6 @@ def task_corpus(tmp_path_factory):
 
         datasets.register_shapes(out)
         yield contract.Corpus(out)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A converted demo backbone (torchvision resnet18 as a pretraining checkpoint)."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    folder = tmp_path_factory.mktemp("demo_r18")
-    torch.save({"model": {f"encoder_q.{k}": v for k, v in net.state_dict().items()}, "epoch": 1},
-               folder / "checkpoint.pth")
-    cc.convert(folder / "checkpoint.pth", folder / "demo_r18.pkl", log=lambda s: None)
-    return folder / "demo_r18.pkl"
 
 
 def test_keypoints_are_visible_extreme_vertices_with_a_flip_map(task_corpus):
