@@ -110,6 +110,37 @@ def probe_backbone(checkpoint=None, arch=None, stem=None):
                              "data_format": _config_value(config, "data", "format")}
 
 
+def add_source_args(p):
+    """--checkpoint | --random-init: the backbone of a command on frozen features (this probe,
+    pretrain.svm, pretrain.semisup), read by source_backbone."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="pretraining checkpoint.pth, torchvision or MoCo state dict")
+    source.add_argument("--random-init", action="store_true",
+                        help="an untrained network (--arch, --stem; weights from --seed)")
+
+
+def source_backbone(args):
+    """(backbone, info, device) of add_source_args' choice with --arch, --stem, --seed, --device:
+    --random-init needs --output-dir (it has no checkpoint folder to write into), and its weights
+    come from --seed (every generator is seeded here, before building)."""
+    if args.random_init and not args.output_dir:
+        raise UserError("--random-init has no checkpoint folder to write into: pass --output-dir")
+    seed_all(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
+    return backbone, info, device
+
+
+def source_name(args):
+    """The backbone's name in the results table: --backbone, else random_init, else the name of the
+    checkpoint's pretraining run."""
+    if args.backbone:
+        return args.backbone
+    if args.random_init:
+        return contract.RANDOM_INIT
+    return contract.pretrain_run(Path(args.checkpoint).resolve().parent).backbone
+
+
 def build_frozen_backbone(checkpoint, arch=None, stem=None):
     """The checkpoint's backbone with fc = Identity, frozen, and its arch (probe_backbone)."""
     backbone, info = probe_backbone(checkpoint, arch, stem)
@@ -284,11 +315,7 @@ def run_probe(args):
     cfg = dict(PRESETS[args.preset])
     cfg.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "image_size")
                 if getattr(args, k) is not None})
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.random_init and not args.output_dir:
-        raise UserError("--random-init has no checkpoint folder to write into: pass --output-dir")
-    seed_all(args.seed)  # before building: --random-init's weights come from this seed
-    backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
+    backbone, info, device = source_backbone(args)
     backbone.to(device)
     fmt = args.data_format or info["data_format"] or "imagefolder"
     train_tf, test_tf = probe_transforms(cfg["image_size"], fmt)
@@ -395,10 +422,7 @@ def _parse_classes(spec, data):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pretrain.linear", description=__doc__)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint.pth, torchvision or MoCo state dict")
-    source.add_argument("--random-init", action="store_true",
-                        help="probe an untrained network (--arch, --stem; weights from --seed)")
+    add_source_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root with train/ val/, the folder holding "
                                                  "cifar-10-batches-py/ (or cifar-100-python/), or the "
                                                  "folder holding VOC2007")

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from pretrain.linear import image_folders, probe_backbone, probe_transforms
+from pretrain.linear import add_source_args, image_folders, probe_transforms, source_backbone, source_name
 from pretrain.model import STEMS
-from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command, seed_all
+from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command
 from suite import contract
 
 EPOCHS = {"semi_1pct": 60, "semi_10pct": 30}
@@ -99,11 +99,7 @@ def fine_tune(model, loader, epochs, lr, device, log=None):
 
 
 def run(args):
-    if args.random_init and not args.output_dir:
-        raise UserError("--random-init has no checkpoint folder to write into: pass --output-dir")
-    seed_all(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
+    backbone, info, device = source_backbone(args)
     train_tf, test_tf = probe_transforms(args.image_size, "imagefolder")
     train, val = image_folders(args.data, train_tf, test_tf)
     picked = read_subset(args.subset, train.samples)
@@ -135,9 +131,7 @@ def run(args):
     acc = evaluate(model, val_loader, device)
     logger.log({"type": "semisup_eval", "epoch": epochs, "top1": acc[1], "top5": acc[5]})
     logger.close()
-    backbone_name = args.backbone or (contract.RANDOM_INIT if args.random_init
-                                      else contract.pretrain_run(Path(args.checkpoint).resolve().parent).backbone)
-    result = {"task": args.task, "backbone": backbone_name, "seed": args.seed, "top1": acc[1], "top5": acc[5],
+    result = {"task": args.task, "backbone": source_name(args), "seed": args.seed, "top1": acc[1], "top5": acc[5],
               "subset": str(args.subset), "num_labelled": len(picked), "num_train": len(train),
               "num_val": len(val), "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "checkpoint": None if args.random_init else str(args.checkpoint),
@@ -149,9 +143,7 @@ def run(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pretrain.semisup", description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint.pth, torchvision or MoCo state dict")
-    source.add_argument("--random-init", action="store_true", help="an untrained network (--arch, --stem, --seed)")
+    add_source_args(p)
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--subset", required=True, help="subset list: one train image file name a line (SimCLR's)")
     p.add_argument("--task", default="semi_1pct", help="its name in the table; semi_1pct / semi_10pct set "
@@ -171,7 +163,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return run_command("pretrain.semisup", run, parse_args(argv), ("task", "backbone", "seed", "top1", "top5", "num_labelled"))
+    return run_command("pretrain.semisup", run, parse_args(argv),
+                       ("task", "backbone", "seed", "top1", "top5", "num_labelled"))
 
 
 def cli(argv=None):

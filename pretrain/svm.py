@@ -32,9 +32,10 @@ from torchvision import transforms
 
 from pretrain.data import MEAN, STD
 from pretrain.knn import extract_features
-from pretrain.linear import _parse_classes, average_precision, probe_backbone, voc07_sets
+from pretrain.linear import (_parse_classes, add_source_args, average_precision, source_backbone, source_name,
+                             voc07_sets)
 from pretrain.model import STEMS
-from pretrain.utils import UserError, run_command, seed_all
+from pretrain.utils import UserError, run_command
 from suite import contract
 
 # VISSL's benchmark configs (svm/voc07 and low_shot_transfer/voc07)
@@ -195,11 +196,7 @@ def voc_features(backbone, dataset, device, batch_size, num_workers):
 
 
 def run(args):
-    seed_all(args.seed)  # before building: --random-init's weights come from this seed
-    if args.random_init and not args.output_dir:
-        raise UserError("--random-init has no checkpoint folder to write into: pass --output-dir")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, info = probe_backbone(None if args.random_init else args.checkpoint, args.arch, args.stem)
+    backbone, info, device = source_backbone(args)
     backbone.to(device)
     tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
                              transforms.Normalize(MEAN, STD)])
@@ -219,9 +216,7 @@ def run(args):
     else:
         result = {"low_shot": voc07_lowshot(train_x, train_y, test_x, test_y, tuple(args.k_values), args.samples,
                                             costs, args.seed, train_set.classes, args.jobs, log)}
-    backbone_name = args.backbone or (contract.RANDOM_INIT if args.random_init
-                                      else contract.pretrain_run(Path(args.checkpoint).resolve().parent).backbone)
-    result = {"task": args.task, "backbone": backbone_name, **result, "classes": train_set.classes,
+    result = {"task": args.task, "backbone": source_name(args), **result, "classes": train_set.classes,
               "checkpoint": None if args.random_init else str(args.checkpoint),
               contract.RANDOM_INIT: bool(args.random_init), "arch": info["arch"], "stem": info["stem"],
               "data": str(args.data), "image_size": args.image_size, "cost_list": list(costs), "seed": args.seed,
@@ -233,9 +228,7 @@ def run(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pretrain.svm", description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint.pth, torchvision or MoCo state dict")
-    source.add_argument("--random-init", action="store_true", help="an untrained network (--arch, --stem, --seed)")
+    add_source_args(p)
     p.add_argument("--data", required=True, help="the folder holding VOC2007/ (synthetic corpus: DIR)")
     p.add_argument("--task", choices=contract.SVM_TASKS, default="voc07_svm")
     p.add_argument("--costs", type=float, nargs="+", default=COSTS, help="SVM costs C swept")
