@@ -9,13 +9,12 @@ Command: tools/bench.py (or `make bench`).
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from slurm.pipeline import REPO, PipelineError, build_stages, pending, run_sequential
-from suite import contract, plots, results
+from suite import contract, plots, provenance, results
 from suite.corpus import CorpusError, make_corpus
 
 PRETRAIN_CONFIG = REPO / "configs/pretrain/bench_objects_r18.yaml"
@@ -70,8 +69,7 @@ def main(argv=None):
     out = Path(args.out).resolve()
     layout = contract.Layout(out)
     start = time.time()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()  # the code the stages run: read before they start
+    commit, dirty = provenance.suite_commit()  # the code the stages run: read before they start
 
     corpus = layout.corpus("objects")  # the folder name is the pretraining task's name in the table
     if not contract.Corpus(corpus).record.is_file():
@@ -101,7 +99,8 @@ def main(argv=None):
     sections = results.build_sections(found, {})
     lines = [f"- {b}: {g:+.1f} kNN points over random init" for b, g in sorted(gains(sections).items())]
     summary = "\n".join([f"Command: `python tools/bench.py --out {args.out} --seeds {args.seeds}` "
-                         f"(commit {commit or '?'}), {time.time() - start:.0f} s of which this run "
+                         f"(commit {provenance.short(commit, 7) if commit else '?'}{', dirty' if dirty else ''}), "
+                         f"{time.time() - start:.0f} s of which this run "
                          f"ran {len(todo)} stages", f"Machine: {machine()}", "", *lines, ""])
     contract.write_text(out / "summary.md", summary)
     print(layout.results.read_text())
