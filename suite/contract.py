@@ -252,6 +252,21 @@ def pretrain_config_of_weights(weights):
     return found if found.is_file() else None
 
 
+def read_jsonl(path):
+    """The records (dicts) of a JSON-lines file such as metrics.jsonl; an unparsable line (a run
+    killed mid-write) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
 # ---------------------------------------------------------------- the synthetic corpus
 @dataclass(frozen=True)
 class Corpus:

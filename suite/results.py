@@ -64,20 +64,6 @@ def read_json(path):
         return json.load(f)
 
 
-def read_jsonl(path):
-    """Records of a metrics.jsonl; an unparsable line (a run killed mid-write) is skipped."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
-
-
 def read_yaml(path):
     with open(path) as f:
         cfg = yaml.safe_load(f)
@@ -173,7 +159,7 @@ def read_pretrain_run(d):
     _put_provenance(run, d)
     # a run that died before its first log step has no metrics.jsonl yet
     metrics = d / contract.METRICS
-    run.records = read_jsonl(metrics) if metrics.exists() else []
+    run.records = contract.read_jsonl(metrics) if metrics.exists() else []
     knn = [r["knn_top1"] for r in run.records if r.get("type") == "knn" and _finite(r.get("knn_top1"))]
     crash = traceback_in_log(d / contract.LOG)
     if not (d / contract.PRETRAIN_DONE).exists():
@@ -259,7 +245,7 @@ def read_detection_run(d):
     else:
         it, newest = "?", d / contract.LOG
         if (d / contract.D2_METRICS).exists():  # Detectron2's JSONWriter: one record per line
-            its = [r["iteration"] for r in read_jsonl(d / contract.D2_METRICS) if "iteration" in r]
+            its = [r["iteration"] for r in contract.read_jsonl(d / contract.D2_METRICS) if "iteration" in r]
             it, newest = (its[-1] if its else "?"), d / contract.D2_METRICS
         run.problem = f"unfinished: no final_metrics.json (last iter {it}, written {age(newest)})"
     return run
