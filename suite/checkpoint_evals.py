@@ -1,17 +1,12 @@
 """The evaluations of pretraining snapshots (OUT/checkpoint_evals/<unit>/epoch<NNNN>/, written by the
 pipeline's checkpoint evaluation stages) as points (backbone, seed, epoch, metric, value), for the
 metric-against-epoch plot; the results table leaves them out."""
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from suite import contract
-from suite.results import columns_for, detection_metrics, read_json
-
-
-def _finite(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from suite.results import _finite, columns_for, detection_metrics, read_json
 
 
 @dataclass(frozen=True)
@@ -32,8 +27,10 @@ def probe_points(lm):
 def fine_tune_points(fm):
     """(metric, value) of a final_metrics.json: the table's columns of its task, prefixed by the task."""
     results = fm.get("results") if isinstance(fm.get("results"), dict) else {}
-    task, metrics = str(fm.get("task", "?")), detection_metrics(results)
-    return [(f"{task} {c}", float(metrics[c])) for c in columns_for("detection", task) if _finite(metrics.get(c))]
+    task, metric = str(fm.get("task", "?")), str(fm.get("metric") or "")  # the metric as the table reads it
+    metrics = detection_metrics(results, metric)
+    return [(f"{task} {c}", float(metrics[c])) for c in columns_for("detection", task, metric=metric)
+            if _finite(metrics.get(c))]
 
 
 def collect(paths):

@@ -134,3 +134,13 @@ def test_dry_run_submits_a_watcher_beside_the_pretraining_not_after_it(capsys, t
     assert submit.main(["pipeline", "--dry-run", "--pretrain-config", "configs/pretrain/demo.yaml", "--data-root",
                         str(tmp_path / "img"), "--out", str(tmp_path / "p2"), "--eval-every", "1"]) == 2
     assert "what to run on each snapshot" in capsys.readouterr().err
+
+
+def test_a_snapshots_fine_tune_is_plotted_with_its_recorded_metrics_columns():
+    """A keypoint fine-tune (final_metrics.json "metric": keypoints) gives the keypoint columns, as
+    the results table reads it, not the COCO box/mask columns of the task-name rule."""
+    fm = {"task": "demo_shapes_kp_R_18_FPN", "metric": "keypoints",
+          "results": {"keypoints": {"AP": 2.5, "AP50": 6.5, "AP75": 1.0}, "bbox": {"AP": 3.0, "AP50": 9.0}}}
+    assert checkpoint_evals.fine_tune_points(fm) == [
+        ("demo_shapes_kp_R_18_FPN AP (kp)", 2.5), ("demo_shapes_kp_R_18_FPN AP50 (kp)", 6.5),
+        ("demo_shapes_kp_R_18_FPN AP75 (kp)", 1.0), ("demo_shapes_kp_R_18_FPN AP (bbox)", 3.0)]
