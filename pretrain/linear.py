@@ -387,10 +387,9 @@ def run_probe(args):
                   arch=info["arch"], stem=info["stem"],
                   data=str(args.data), data_format=fmt, epochs=cfg["epochs"], seed=args.seed)
     weights = None if args.random_init else args.checkpoint
-    provenance.write(out_dir, provenance.build(  # suite/provenance.py; then the done marker
-        "probe", provenance.probe_schedule(json.loads((out_dir / contract.PROBE_CONFIG).read_text())),
-        gpu_count=int(device.type == "cuda"), weights=weights,
-        pretrain_config=contract.pretrain_config_of_weights(weights), wall_time_s=time.time() - started))
+    provenance.write_frozen_run(  # suite/provenance.py; then the done marker
+        out_dir, "probe", provenance.probe_schedule(json.loads((out_dir / contract.PROBE_CONFIG).read_text())),
+        device=device, weights=weights, started=started)
     contract.write_json(contract.done_file("probe", out_dir), result)
     return result
 

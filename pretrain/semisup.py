@@ -11,6 +11,7 @@ train views RandomResizedCrop + flip, val views resize + center crop (the kNN mo
 trained with the rest; bf16 autocast on CUDA. One process on one device; a rerun starts over (no
 resume), as the linear probe."""
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from pretrain.linear import add_source_args, image_folders, probe_transforms, source_backbone, source_name
 from pretrain.model import STEMS
 from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command
-from suite import contract
+from suite import contract, provenance
 
 EPOCHS = {"semi_1pct": 60, "semi_10pct": 30}
 
@@ -99,6 +100,7 @@ def fine_tune(model, loader, epochs, lr, device, log=None):
 
 
 def run(args):
+    started = time.time()
     backbone, info, device = source_backbone(args)
     train_tf, test_tf = probe_transforms(args.image_size, "imagefolder")
     train, val = image_folders(args.data, train_tf, test_tf)
@@ -137,6 +139,11 @@ def run(args):
               "checkpoint": None if args.random_init else str(args.checkpoint),
               contract.RANDOM_INIT: bool(args.random_init), "arch": info["arch"], "stem": info["stem"],
               "data": str(args.data), "image_size": args.image_size}
+    schedule = {"name": "cosine", "epochs": epochs, "optimizer": "SGD nesterov 0.9, no weight decay"}
+    provenance.write_frozen_run(  # suite/provenance.py; then the done marker
+        out_dir, "semisup", (batch_size, lr, schedule, provenance.DEFAULT_NUMERICS,
+                             "bf16" if device.type == "cuda" else None, args.seed),
+        device=device, weights=None if args.random_init else args.checkpoint, started=started)
     contract.write_json(contract.done_file("semisup", out_dir), result)
     return result
 

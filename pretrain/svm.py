@@ -22,6 +22,7 @@ The fits run in --jobs processes (joblib: classes for voc07_svm, draws for voc07
 import argparse
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from pretrain.linear import (_parse_classes, add_source_args, average_precision,
                              voc07_sets)
 from pretrain.model import STEMS
 from pretrain.utils import UserError, run_command
-from suite import contract
+from suite import contract, provenance
 
 # VISSL's benchmark configs (svm/voc07 and low_shot_transfer/voc07)
 COSTS = (0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
@@ -196,6 +197,7 @@ def voc_features(backbone, dataset, device, batch_size, num_workers):
 
 
 def run(args):
+    started = time.time()
     backbone, info, device = source_backbone(args)
     backbone.to(device)
     tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
@@ -222,6 +224,10 @@ def run(args):
               "data": str(args.data), "image_size": args.image_size, "cost_list": list(costs), "seed": args.seed,
               "feature_dim": int(train_x.shape[1]), "num_train": int(train_x.shape[0]),
               "num_test": int(test_x.shape[0])}
+    schedule = {"name": "LinearSVC", "task": args.task, "costs": list(costs), "folds": args.folds}
+    provenance.write_frozen_run(  # suite/provenance.py; then the done marker (no training batch or lr)
+        out_dir, "svm", (None, None, schedule, provenance.DEFAULT_NUMERICS, None, args.seed),
+        device=device, weights=None if args.random_init else args.checkpoint, started=started)
     contract.write_json(contract.done_file("svm", out_dir), result)
     return result
 

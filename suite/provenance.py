@@ -160,6 +160,15 @@ def build(kind, schedule, *, gpu_count, weights, pretrain_config, wall_time_s, r
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def write_frozen_run(output_dir, kind, schedule, *, device, weights, started):
+    """The record of a run on a backbone read from `weights` (a probe, an SVM, a semi-supervised
+    fine-tune; None: random init), on `device`, started at time.time() `started`, written to
+    output_dir; its pretraining config is the one beside `weights`, if any."""
+    return write(output_dir, build(kind, schedule, gpu_count=int(device.type == "cuda"), weights=weights,
+                                   pretrain_config=contract.pretrain_config_of_weights(weights),
+                                   wall_time_s=time.time() - started))
+
+
 def write(output_dir, record):
     """OUTPUT_DIR/provenance.json, atomically."""
     return contract.write_json(Path(output_dir) / contract.PROVENANCE, record)

@@ -270,6 +270,7 @@ def read_classification_runs(d, done):
         runs = [make({"mAP": rec.get("mAP")})]
     runs = runs or [make({})]
     for run in runs:
+        _put_provenance(run, d)
         if not any(_finite(v) for v in run.metrics.values()):
             run.problem = f"failed: {done} holds no finite metric"
     return runs

@@ -3,6 +3,7 @@ a subset list (pretrain.semisup), the corpus's subset lists, and those tasks end
 stages into the results table."""
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torchvision
 from pretrain import semisup, svm
 from pretrain.utils import UserError
 from slurm import pipeline
-from suite import contract, results
+from suite import contract, provenance, results
 
 
 
@@ -164,7 +165,15 @@ def test_classification_tasks_run_as_pipeline_stages_into_the_table(corpus, tmp_
     semi = json.loads((layout.transfer_dir("random_init", "semi_1pct", 1) / contract.SEMI_METRICS).read_text())
     assert semi["num_labelled"] == 8 and semi["random_init"] and 0 <= semi["top1"] <= semi["top5"] <= 100
 
-    sections, incomplete, _ = results.collect([out], "none")
+    for stage in classify:  # each run's provenance record (issue 17), beside its metrics
+        rec = json.loads((Path(stage.done_file).parent / contract.PROVENANCE).read_text())
+        assert set(provenance.FIELDS) <= set(rec), stage.name
+        assert rec["kind"] == ("semisup" if "/semi_" in stage.name else "svm")
+        assert rec["weights_sha256"] == (provenance.sha256(ckpt) if "/demo/" in stage.name else None)
+        assert rec["seed"] == (1 if stage.name.endswith("seed1") else 0)
+
+    sections, incomplete, runs = results.collect([out], "none")
+    assert all(r.provenance for r in runs if r.kind == "classification")
     assert not [p for p in incomplete if "classify" in p or "transfer" in p]
     table = {(kind, task): (columns, {label: cells for label, _, cells in rows})
              for kind, task, columns, rows in sections}
