@@ -1,7 +1,14 @@
 """Shared pytest fixtures: the `gpu` marker skips without CUDA, the `detectron2` marker without
 Detectron2 (`make setup` always installs it, and checks the import, so CI runs those tests), a
-small synthetic corpus, and a converted demo backbone."""
+small synthetic corpus, a converted demo backbone, and `module_tmp` for module-scoped folders.
+
+Disk: a pretraining run of the tests writes ResNet-50 checkpoints of ~250 MB, and pytest keeps every
+`tmp_path` of a session (and of the last three sessions) by default: 15 GB for one run of the suite,
+enough to fill a CI disk. pytest.ini keeps a test's `tmp_path` only when the test failed
+(`tmp_path_retention_policy = failed`, one session), and module-scoped fixtures make their folders
+with `module_tmp`, which removes them when the module is done unless one of its tests failed."""
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -24,6 +31,22 @@ def pytest_collection_modifyitems(config, items):
         for marker, absent in missing.items():
             if absent and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=f"needs {'CUDA' if marker == 'gpu' else marker}"))
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """`mktemp(name)` for module-scoped fixtures: folders removed after the module's last test,
+    kept (for a look) when a test of the session failed meanwhile."""
+    made, failed_before = [], request.session.testsfailed
+
+    def mktemp(name):
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

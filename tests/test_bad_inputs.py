@@ -50,11 +50,11 @@ def resnet_backbone(arch):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, corpus):
+def files(module_tmp, corpus):
     """Every bad input of the table, and the markers folder the hostile ones would write to."""
     from pretrain import convert as cc
 
-    d = tmp_path_factory.mktemp("bad")
+    d = module_tmp("bad")
     markers = d / "markers"
     markers.mkdir()
     p = {"d": d, "markers": markers, "data": corpus / "imagefolder", "corpus": corpus}

@@ -17,8 +17,8 @@ TOY = ["--cpu", "--size", "32", "--batch-size", "4", "--iters", "1", "--warmup",
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+def report(module_tmp):
+    out = module_tmp("bench") / "bench.json"
     assert benchmark.main(TOY + ["--json", str(out)]) == 0
     return json.loads(out.read_text())
 

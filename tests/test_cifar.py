@@ -31,8 +31,8 @@ TINY_CIFAR = [  # ResNet-18 with the CIFAR stem on 16-px crops of the 32-px imag
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
+def cifar(module_tmp):
+    root = module_tmp("cifar")
     return root, write_cifar10(root)
 
 
@@ -110,12 +110,12 @@ def test_missing_or_foreign_batches_are_one_clear_error(cifar, tmp_path, capsys)
 
 
 @pytest.fixture(scope="module")
-def pretrained(cifar, tmp_path_factory):
+def pretrained(cifar, module_tmp):
     """One epoch (5 steps) of SANE with the CIFAR stem on the generated CIFAR-10, kNN on test."""
     root = cifar[0]
     with pytest.MonkeyPatch.context() as mp:
         official_md5(mp, root)
-        out = tmp_path_factory.mktemp("cifar_run")
+        out = module_tmp("cifar_run")
         cfg = load_config("configs/pretrain/sane_r50_cifar.yaml", TINY_CIFAR + [f"data.root={root}",
                                                                              f"output_dir={out}"])
         train(cfg)

@@ -32,9 +32,9 @@ TINY = ["model.arch=resnet18", "model.dim=16", "model.queue=16", "model.m=0.9", 
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
+def images(module_tmp):
     """3 classes x 8 images of 40 px, ImageFolder layout."""
-    root = tmp_path_factory.mktemp("images")
+    root = module_tmp("images")
     rng = random.Random(0)
     for c in range(3):
         (root / "train" / f"c{c}").mkdir(parents=True)
@@ -290,10 +290,10 @@ def train_net(out, *opts, resume=False):
 
 
 @pytest.fixture(scope="module")
-def r18_weights(tmp_path_factory):
+def r18_weights(module_tmp):
     from pretrain import convert as cc
 
-    d = tmp_path_factory.mktemp("w")
+    d = module_tmp("w")
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), d / "r18.pth")
     cc.convert(d / "r18.pth", d / "r18.pkl", log=lambda s: None)

@@ -45,9 +45,9 @@ WINDOW = 20        # steps averaged for the end value (16 queries a step)
 
 
 @pytest.fixture(scope="module")
-def patterns(tmp_path_factory):
+def patterns(module_tmp):
     """64 distinct mirror-symmetric 4x4 two-colour layouts at 16 px, one unlabelled folder."""
-    root = tmp_path_factory.mktemp("patterns")
+    root = module_tmp("patterns")
     folder = root / "train" / "all"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -43,9 +43,9 @@ def draw(path, cls, rng, size=40):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
+def data_root(module_tmp):
     """3 classes x 8 train images (one of them a truncated JPEG) and 3 x 4 val images."""
-    root = tmp_path_factory.mktemp("imagefolder")
+    root = module_tmp("imagefolder")
     rng = random.Random(0)
     for split, n in (("train", 8), ("val", 4)):
         for c in CLASSES:
@@ -73,10 +73,10 @@ def last_epoch_loss(out):
 
 
 @pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
+def trained(data_root, module_tmp):
     """An uninterrupted deterministic 2-epoch run (3 it/epoch) with kNN every epoch, and the
     same run with lr 0."""
-    out = tmp_path_factory.mktemp("run_full")
+    out = module_tmp("run_full")
     cfg = tiny_cfg(data_root, out, "knn.every_epochs=1", "knn.k=5")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -84,7 +84,7 @@ def trained(data_root, tmp_path_factory):
         # the control: the same run without learning. Early on the loss *rises* while the
         # queue's random unit vectors are replaced by (similar) real keys, so learning shows
         # as a lower loss than this run's, not as a falling curve.
-        frozen = tmp_path_factory.mktemp("run_lr0")
+        frozen = module_tmp("run_lr0")
         train(tiny_cfg(data_root, frozen, "knn.every_epochs=0", "optim.lr=0.0"))
     return {"out": out, "cfg": cfg, "warnings": [str(w.message) for w in caught],
             "loss": last_epoch_loss(out), "loss_no_learning": last_epoch_loss(frozen)}

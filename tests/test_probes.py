@@ -181,9 +181,9 @@ def test_read_backbone_state_pretrain_format_gives_arch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def resnet18_ckpt(tmp_path_factory):
+def resnet18_ckpt(module_tmp):
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    path = module_tmp("ckpt") / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     return path
 

@@ -23,14 +23,14 @@ def _sha(path):
 
 
 @pytest.fixture(scope="module")
-def demo_run(corpus, tmp_path_factory):
+def demo_run(corpus, module_tmp):
     """OUT/pretrain/sane (1 epoch, 3 iterations), its cifar probe, OUT/weights/sane.pkl, one fine-tune."""
     from pretrain import convert, linear
     from pretrain.config import load_config
     from pretrain.engine import train
     from transfer import train_net as tn
 
-    layout = contract.Layout(tmp_path_factory.mktemp("out"))
+    layout = contract.Layout(module_tmp("out"))
     run = layout.pretrain_dir("sane")
     train(load_config("configs/pretrain/demo.yaml", [
         "model.arch=resnet18", "model.dim=16", "model.queue=64", "data.crop=32", "data.batch_size=16",

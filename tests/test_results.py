@@ -59,9 +59,9 @@ def _detection(d, backbone, task, seed, bbox, segm=None):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(module_tmp):
     """ROOT/pretrain/<name>/, ROOT/linear/<name>/, ROOT/transfer/<name>/<task>/seed<k>/."""
-    root = tmp_path_factory.mktemp("runs")
+    root = module_tmp("runs")
     _pretrain(root / "pretrain" / "sane", 0, done=True, knn=(40.0, 61.0))
     _pretrain(root / "pretrain" / "mocov2", 0, done=False, slr=False)   # unfinished
     _write(root / "linear" / "sane" / "linear_metrics.json",

@@ -78,11 +78,11 @@ def fresh_queue(request):
 
 
 @pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
+def tiny_corpus(module_tmp):
     """16 train and 8 test images of 64 px, in the ImageFolder and VOC layouts."""
     from suite.corpus import make_corpus
 
-    return make_corpus(tmp_path_factory.mktemp("slurm_corpus") / "shapes", seed=0, num_train=16,
+    return make_corpus(module_tmp("slurm_corpus") / "shapes", seed=0, num_train=16,
                        num_test=8, size=64)
 
 
@@ -175,9 +175,9 @@ def assert_same_weights(a, b):
 
 # ---------------------------------------------------------------- pretraining
 @pytest.fixture(scope="module")
-def reference_pretrain(slurm_cluster, tiny_corpus, tmp_path_factory):
+def reference_pretrain(slurm_cluster, tiny_corpus, module_tmp):
     """One uninterrupted pretraining job (and its --dry-run first)."""
-    out = tmp_path_factory.mktemp("pretrain") / "run"
+    out = module_tmp("pretrain") / "run"
     dry = submit(tiny_corpus, *pretrain_argv(tiny_corpus, out, "--dry-run")).stdout
     assert not out.exists() and not queue(slurm_cluster)  # the dry run submitted nothing
     r = submit(tiny_corpus, *pretrain_argv(tiny_corpus, out))
@@ -226,8 +226,8 @@ def test_preempted_pretraining_resumes_to_the_same_weights(slurm_cluster, refere
 
 # ---------------------------------------------------------------- fine-tunes
 @pytest.fixture(scope="module")
-def weights(reference_pretrain, tmp_path_factory):
-    out = tmp_path_factory.mktemp("weights") / "demo.pkl"
+def weights(reference_pretrain, module_tmp):
+    out = module_tmp("weights") / "demo.pkl"
     subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(reference_pretrain[0] / "checkpoint.pth"),
                     str(out)], cwd=REPO, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return out
@@ -256,10 +256,10 @@ def pipeline_jobs(cluster):
 
 
 @pytest.fixture(scope="module")
-def undisturbed_pipeline(slurm_cluster, tiny_corpus, tmp_path_factory):
+def undisturbed_pipeline(slurm_cluster, tiny_corpus, module_tmp):
     """The pipeline submitted while the partition is down (its jobs stay queued), submitted again
     (nothing twice), then run to the end. Returns the folder, both outputs and the queued jobs."""
-    out = tmp_path_factory.mktemp("pipeline") / "out"
+    out = module_tmp("pipeline") / "out"
     slurm_cluster.run("scontrol", "update", "PartitionName=debug", "State=DOWN")
     try:
         first = submit(tiny_corpus, *pipeline_argv(tiny_corpus, out))

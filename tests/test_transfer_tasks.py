@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def task_corpus(tmp_path_factory):
+def task_corpus(module_tmp):
     """12 + 6 images of 128 px with the task layouts; SHAPES_ROOT points at it in this module."""
-    out = make_corpus(tmp_path_factory.mktemp("tasks") / "shapes", seed=0, num_train=12, num_test=6,
+    out = make_corpus(module_tmp("tasks") / "shapes", seed=0, num_train=12, num_test=6,
                       size=128, layouts=LAYOUTS + TASK_LAYOUTS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SHAPES_ROOT", str(out))
