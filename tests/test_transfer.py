@@ -194,6 +194,31 @@ def test_a_batch_that_cannot_be_split_over_the_gpus_is_refused_in_one_line(capsy
     assert len(err) == 1 and f"--num-gpus {gpus + 1}: {gpus} CUDA device(s) visible here" in err[0], err
 
 
+def test_resuming_on_another_gpu_count_is_refused_when_the_solver_is_scaled(tmp_path, capsys):
+    from transfer import train_net as tn
+
+    voc = str(CONFIGS / "voc_R_50_C4_24k.yaml")
+
+    def argv(gpus, *opts):
+        return ["--config-file", voc, "--num-gpus", str(gpus), "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
+                *map(str, opts)]
+
+    def resumed(gpus, *opts):
+        return tn.load_config(tn.argument_parser().parse_args(argv(gpus, *opts)))
+
+    tn.setup(tn.argument_parser().parse_args(argv(2)))  # the first attempt: config.yaml of 2 processes
+    (tmp_path / "last_checkpoint").write_text("model_0000999.pth")
+    tn.check_resume_world(resumed(2), resume=True)  # a requeue on the same GPUs
+    tn.check_resume_world(resumed(4), resume=False)  # a new run over the folder: not a resume
+    tn.check_resume_world(resumed(4, "SOLVER.REFERENCE_WORLD_SIZE", 0), resume=True)  # values as written
+    with pytest.raises(tn.ScalingError, match="was trained by 2 process"):
+        tn.check_resume_world(resumed(4), resume=True)
+    assert tn.cli(["--resume", *argv(4)]) == 2  # 96000 iterations at 2 GPUs would become 48000 mid-run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resuming it on 4 would re-scale its schedule" in err[0] \
+        and "resume with 2 GPUs" in err[0] and str(tmp_path / "config.yaml") in err[0], err
+
+
 def test_reference_numerics_preset_runs_fp32_without_tf32_and_is_saved(tmp_path, capsys):
     import yaml
 

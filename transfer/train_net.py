@@ -162,6 +162,28 @@ def scale_to_world(cfg, world):
     return cfg
 
 
+def check_resume_world(cfg, resume):
+    """A resumed fine-tune keeps its schedule. Resuming an OUTPUT_DIR that holds a checkpoint
+    (fvcore's `last_checkpoint`) on another number of processes than its config.yaml records, with
+    the solver scaled to the processes (SOLVER.REFERENCE_WORLD_SIZE > 0), would change MAX_ITER,
+    STEPS and BASE_LR mid-run: a ScalingError that names the folder and the fix. (A Slurm requeue
+    asks for the same GPUs: it always passes.)"""
+    out = Path(cfg.OUTPUT_DIR)
+    if not (resume and cfg.SOLVER.REFERENCE_WORLD_SIZE and (out / "last_checkpoint").is_file()):
+        return
+    try:
+        before = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        was = int((before.get("TRANSFER") or {}).get("WORLD_SIZE") or 0)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return  # no readable record of the first attempt: nothing to compare
+    if was and was != cfg.TRANSFER.WORLD_SIZE:
+        raise ScalingError(
+            f"OUTPUT_DIR {out} was trained by {was} process(es) ({out / 'config.yaml'}: TRANSFER.WORLD_SIZE "
+            f"{was}); resuming it on {cfg.TRANSFER.WORLD_SIZE} would re-scale its schedule mid-run "
+            f"(SOLVER.REFERENCE_WORLD_SIZE {cfg.SOLVER.REFERENCE_WORLD_SIZE}): resume with {was} GPUs "
+            "(--num-gpus x --num-machines), or fine-tune into a new OUTPUT_DIR")
+
+
 def scaling_note(written, cfg):
     """The log line saying what scale_to_world did to the config as `written`."""
     keys = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.STEPS",
@@ -301,6 +323,7 @@ def check_inputs(args):
     datasets.register_shapes()
     try:
         cfg = load_config(args)
+        check_resume_world(cfg, args.resume)
     except ScalingError as e:
         raise ValueError(f"{args.config_file}: {e}") from None
     except (KeyError, ValueError, AssertionError) as e:  # yacs: unknown key, bad type or value
