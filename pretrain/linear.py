@@ -20,6 +20,7 @@ from pretrain.config import DEFAULTS
 from pretrain.data import CIFAR, MEAN, STD, cifar_dataset, eval_transform
 from pretrain.knn import extract_features, knn_top1
 from pretrain.model import STEMS, build_backbone
+from pretrain.resume import EpochState
 from pretrain.safe_load import WeightsFileError
 from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command, seed_all
 from pretrain.weights import BackboneError, backbone_stem, read_backbone
@@ -266,12 +267,13 @@ def top1(logits, labels):
 
 # ---------------------------------------------------------------- training on cached features
 def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="sgd", momentum=0.9,
-               weight_decay=0.0, evaluate=None, log=None):
+               weight_decay=0.0, evaluate=None, log=None, state=None):
     """Train nn.Linear on frozen features with a per-iteration cosine lr and return it.
 
     train_features(epoch) -> (feats [N, D], targets): class indices [N] (cross-entropy) or
     multi-hot [N, C] (binary cross-entropy, VOC07). evaluate(classifier) -> dict of metrics,
     called after every epoch; log(record) receives them with type, epoch, iter, loss and lr.
+    state: a pretrain.resume.EpochState, saved after each epoch and resumed from.
     """
     feats, targets = train_features(0)
     classifier = nn.Linear(feats.shape[1], num_outputs).to(feats.device)
@@ -281,9 +283,11 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
         opt = torch.optim.SGD(classifier.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(classifier.parameters(), lr, weight_decay=weight_decay)
-    total_iters, it = epochs * math.ceil(feats.shape[0] / batch_size), 0
+    total_iters = epochs * math.ceil(feats.shape[0] / batch_size)
     loss_fn = F.cross_entropy if targets.dim() == 1 else F.binary_cross_entropy_with_logits
-    for epoch in range(epochs):
+    parts = {"classifier": classifier, "optimizer": opt}
+    start, it = state.restore(parts) if state is not None else (0, 0)
+    for epoch in range(start, epochs):
         if epoch > 0:
             feats, targets = train_features(epoch)
         total = torch.zeros((), device=feats.device)   # summed on device: no sync per step
@@ -303,6 +307,8 @@ def fit_linear(train_features, num_outputs, epochs, lr, batch_size, optimizer="s
             classifier.train()
         if log is not None:
             log(row)
+        if state is not None:
+            state.save(parts, epoch + 1, it)
     return classifier
 
 
@@ -374,10 +380,13 @@ def run_probe(args):
             return {"top1": top1(clf(test_feats), test_targets)}
 
     logger, last = MetricLogger(out_dir), {}
+    state = EpochState(out_dir, json.loads((out_dir / contract.PROBE_CONFIG).read_text()))
     fit_linear(train_features, num_outputs, cfg["epochs"], cfg["lr"], cfg["batch_size"],
                cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], evaluate,
-               log=lambda row: (last.update(row), logger.log(row)))
+               log=lambda row: (last.update(row), logger.log(row)), state=state)
     logger.close()
+    if not last:  # resumed after its last epoch (killed before the result): the record it logged
+        last = [r for r in contract.read_jsonl(out_dir / contract.METRICS) if r.get("type") == "linear"][-1]
     metric = "mAP" if args.preset == "voc07" else "top1"
     result = {"preset": args.preset, metric: last[metric]}
     if knn is not None:
@@ -391,6 +400,7 @@ def run_probe(args):
         out_dir, "probe", provenance.probe_schedule(json.loads((out_dir / contract.PROBE_CONFIG).read_text())),
         device=device, weights=weights, started=started)
     contract.write_json(contract.done_file("probe", out_dir), result)
+    state.remove()
     return result
 
 

@@ -8,8 +8,9 @@ in ROOT/train/<class>/ by name (a line with a `/` is matched against the path's 
 Schedule (SimCLR appendix B.5): SGD with Nesterov momentum 0.9, lr 0.05·batch/256, no weight
 decay, no warm-up, here a per-step cosine decay to 0; 60 epochs for semi_1pct, 30 for semi_10pct;
 train views RandomResizedCrop + flip, val views resize + center crop (the kNN monitor's). BN is
-trained with the rest; bf16 autocast on CUDA. One process on one device; a rerun starts over (no
-resume), as the linear probe."""
+trained with the rest; bf16 autocast on CUDA. One process on one device; killed or requeued, a
+rerun with the same arguments resumes after the last finished epoch (pretrain/resume.py), as the
+linear probe does."""
 import argparse
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pretrain.linear import add_source_args, image_folders, probe_transforms, source_backbone, source_name
 from pretrain.model import STEMS
+from pretrain.resume import EpochState
 from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command
 from suite import contract, provenance
 
@@ -73,13 +75,17 @@ def evaluate(model, loader, device):
     return topk_accuracy(torch.cat(logits), torch.cat(labels))
 
 
-def fine_tune(model, loader, epochs, lr, device, log=None):
-    """SGD + Nesterov on every parameter, per-step cosine lr; log(record) after each epoch."""
+def fine_tune(model, loader, epochs, lr, device, log=None, state=None):
+    """SGD + Nesterov on every parameter, per-step cosine lr; log(record) after each epoch.
+    state: a pretrain.resume.EpochState (with the loader's generator), saved after each epoch and
+    resumed from."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-    total, it = epochs * len(loader), 0
+    total = epochs * len(loader)
+    parts = {"model": model, "optimizer": opt}
+    start, it = state.restore(parts, loader.generator) if state is not None else (0, 0)
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         loss_sum, n = torch.zeros((), device=device), 0
         for images, target in loader:
             for group in opt.param_groups:
@@ -96,6 +102,8 @@ def fine_tune(model, loader, epochs, lr, device, log=None):
         if log is not None:
             log({"type": "semisup", "epoch": epoch + 1, "iter": it, "loss": loss_sum.item() / n,
                  "lr": opt.param_groups[0]["lr"]})
+        if state is not None:
+            state.save(parts, epoch + 1, it, loader.generator)
     return model
 
 
@@ -119,7 +127,6 @@ def run(args):
     out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / args.task)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / contract.METRICS).unlink(missing_ok=True)  # a rerun starts over
     except OSError as e:
         raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
                         "writable --output-dir") from None
@@ -128,8 +135,9 @@ def run(args):
     train_loader = DataLoader(Subset(train, picked), batch_size=min(batch_size, len(picked)), shuffle=True,
                               generator=g, num_workers=args.num_workers, pin_memory=cuda, drop_last=False)
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=cuda)
+    state = EpochState(out_dir, {**vars(args), "epochs": epochs, "lr": lr, "device": str(device)})
     logger = MetricLogger(out_dir)
-    fine_tune(model, train_loader, epochs, lr, device, logger.log)
+    fine_tune(model, train_loader, epochs, lr, device, logger.log, state)
     acc = evaluate(model, val_loader, device)
     logger.log({"type": "semisup_eval", "epoch": epochs, "top1": acc[1], "top5": acc[5]})
     logger.close()
@@ -145,6 +153,7 @@ def run(args):
                              "bf16" if device.type == "cuda" else None, args.seed),
         device=device, weights=None if args.random_init else args.checkpoint, started=started)
     contract.write_json(contract.done_file("semisup", out_dir), result)
+    state.remove()
     return result
 
 

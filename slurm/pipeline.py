@@ -68,8 +68,8 @@ def probe_stage(name, data, preset, output_dir, checkpoint=None, random_init=Non
                 opts=(), after=(), python=sys.executable, seed=0):
     """`python -m pretrain.linear`: the linear probe of `preset` and the kNN top-1 of the same frozen
     features, on the backbone in `checkpoint`, or with random_init=(arch, stem) on an untrained
-    one (initialised with `seed`). `opts` are its trailing flags (e.g. --epochs 5). No resume: a
-    rerun starts over."""
+    one (initialised with `seed`). `opts` are its trailing flags (e.g. --epochs 5). A rerun (requeue) with the
+    same flags resumes after the last finished epoch (pretrain/resume.py)."""
     if random_init is not None:
         arch, stem = random_init
         source = ("--random-init", "--arch", arch, "--stem", stem, "--seed", str(seed))
@@ -104,7 +104,7 @@ def semisup_stage(backbone, data, subset, task, output_dir, seed, checkpoint=Non
                   after=(), python=sys.executable):
     """`python -m pretrain.semisup`: fine-tune the whole network + a linear head on the images of the
     ImageFolder `data` that `subset` lists, top-1/top-5 on its val/, with `seed`. One process, one
-    GPU; no resume."""
+    GPU; a rerun (requeue) resumes after the last finished epoch (pretrain/resume.py)."""
     return Stage(f"classify/{backbone}/{task}/{contract.seed_folder(seed)}",
                  (python, "-m", "pretrain.semisup", *_source(checkpoint, random_init), "--data", str(data),
                   "--subset", str(subset), "--task", task, "--backbone", backbone, "--seed", str(seed),

@@ -68,6 +68,7 @@ PROBE_CONFIG = "linear_config.json"
 FINE_TUNE_DONE = "final_metrics.json"
 SVM_METRICS = "svm_metrics.json"     # pretrain.svm: VOC07 SVM / low-shot SVM (its done marker)
 SEMI_METRICS = "semisup_metrics.json"  # pretrain.semisup: a semi-supervised fine-tune (its done marker)
+TRAIN_STATE = "train_state.pth"      # probe / semi-supervised fine-tune: resume state, gone when done
 FAILED = "failed.json"               # a fine-tune that raised (removed by the next attempt)
 D2_METRICS = "metrics.json"          # Detectron2's JSONWriter
 D2_LAST_CHECKPOINT = "last_checkpoint"

@@ -116,6 +116,65 @@ def test_fine_tune_trains_every_layer():
     assert not torch.equal(first, model[0].weight)
 
 
+class Killed(Exception):
+    """A job killed right after an epoch's record was logged, before its state was saved."""
+
+
+def test_killed_fine_tune_resumes_to_the_numbers_of_an_unbroken_run(tmp_path):
+    from pretrain.resume import EpochState
+
+    x = torch.cat([torch.randn(32, 4, generator=torch.Generator().manual_seed(1)) + 2,
+                   torch.randn(32, 4, generator=torch.Generator().manual_seed(2)) - 2])
+    y = torch.cat([torch.zeros(32), torch.ones(32)]).long()
+
+    def attempt(out, kill_after=None, init_seed=0):
+        torch.manual_seed(init_seed)  # a resumed attempt builds its model anew (another init here)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.ReLU(), nn.Linear(8, 2))
+        loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=16, shuffle=True,
+                                             generator=torch.Generator().manual_seed(0))
+        rows, msgs = [], []
+
+        def log(row):
+            rows.append(row)
+            if row["epoch"] == kill_after:
+                raise Killed
+
+        state = EpochState(out, {"lr": 0.1}, log=msgs.append)
+        semisup.fine_tune(model, loader, 5, 0.1, torch.device("cpu"), log, state)
+        return model, rows, msgs
+
+    unbroken, rows, _ = attempt(tmp_path / "a")
+    with pytest.raises(Killed):
+        attempt(tmp_path / "b", kill_after=3)  # the state of epoch 2 is on disk, epoch 3's is not
+    resumed, rest, msgs = attempt(tmp_path / "b", init_seed=7)
+    assert msgs == [f"resuming from {tmp_path / 'b' / contract.TRAIN_STATE}: epoch 2, iteration 8"]
+    assert [r["epoch"] for r in rest] == [3, 4, 5] and rest == rows[2:]  # shuffling, dropout, lr: as unbroken
+    for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_epoch_state_of_other_settings_or_damaged_starts_over_and_a_foreign_file_stops(tmp_path):
+    from pretrain.resume import EpochState
+
+    lin = nn.Linear(3, 2)
+    msgs = []
+    metrics = tmp_path / contract.METRICS
+    metrics.write_text('{"type": "linear", "epoch": 1, "iter": 4}\n{"type": "linear", "epoch": 2, "iter": 8}\n')
+    EpochState(tmp_path, {"lr": 0.1}).save({"m": lin}, 1, 4)
+    assert EpochState(tmp_path, {"lr": 0.1}, msgs.append).restore({"m": nn.Linear(3, 2)}) == (1, 4)
+    assert [r["epoch"] for r in contract.read_jsonl(metrics)] == [1]  # logged after the state: dropped
+    assert EpochState(tmp_path, {"lr": 0.2}, msgs.append).restore({"m": lin}) == (0, 0)
+    assert "the state of a run with other settings; starting over" in msgs[-1]
+    assert contract.read_jsonl(metrics) == []  # starting over: the records go too
+    path = tmp_path / contract.TRAIN_STATE
+    path.write_bytes(path.read_bytes()[:100])  # cut by a full disk
+    assert EpochState(tmp_path, {"lr": 0.1}, msgs.append).restore({"m": lin}) == (0, 0)
+    assert "cannot be read as a torch checkpoint" in msgs[-1] and "starting over" in msgs[-1]
+    torch.save({"settings": Killed}, path)  # an object: safe loading refuses it, and so does the run
+    with pytest.raises(UserError, match="refused"):
+        EpochState(tmp_path, {"lr": 0.1}, msgs.append).restore({"m": lin})
+
+
 def test_corpus_writes_per_class_subset_lists(corpus):
     train = {p.name: p.parent.name for p in (contract.Corpus(corpus).imagefolder / "train").rglob("*.jpg")}
     for task, name in contract.SEMI_SUBSETS.items():

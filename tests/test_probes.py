@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from multiproc import run_processes
 from pretrain import linear
+from suite import contract
 from pretrain.knn import extract_features, knn_top1
 from pretrain.linear import (average_precision, fit_linear, mean_average_precision,
                              read_backbone_state, read_voc_annotation)
@@ -207,6 +208,34 @@ def test_linear_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):
     assert rows[-1]["top1"] == result["top1"]
     config = json.loads((out / "linear_config.json").read_text())
     assert config["epochs"] == 2 and config["lr"] == 10.0 and config["augment"] is True
+
+
+def test_killed_probe_resumes_after_its_last_epoch_to_an_unbroken_runs_numbers(corpus, resnet18_ckpt, tmp_path,
+                                                                               monkeypatch, capsys):
+    from pretrain.utils import MetricLogger
+
+    args = lambda out: _probe_args(resnet18_ckpt, corpus / "imagefolder", out, "--preset", "imagenet",  # noqa: E731
+                                   "--epochs", "4")  # augmented views drawn anew every epoch
+    unbroken = linear.main(args(tmp_path / "a"))
+
+    class KilledAtEpoch3(MetricLogger):  # killed after epoch 3's record, before its state
+        def log(self, record):
+            super().log(record)
+            if record["epoch"] == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(linear, "MetricLogger", KilledAtEpoch3)
+    with pytest.raises(KeyboardInterrupt):
+        linear.main(args(tmp_path / "b"))
+    assert (tmp_path / "b" / contract.TRAIN_STATE).is_file()
+    monkeypatch.setattr(linear, "MetricLogger", MetricLogger)
+    capsys.readouterr()
+    resumed = linear.main(args(tmp_path / "b"))
+    assert "epoch 2, iteration 6" in capsys.readouterr().out
+    rows = lambda run: [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["epoch"] for r in rows("b")] == [1, 2, 3, 4] and rows("b") == rows("a")
+    assert resumed["top1"] == unbroken["top1"] and resumed["knn_top1"] == unbroken["knn_top1"]
+    assert not (tmp_path / "b" / contract.TRAIN_STATE).exists()  # done: the state goes
 
 
 def test_voc07_probe_on_corpus(corpus, resnet18_ckpt, tmp_path):

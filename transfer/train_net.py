@@ -169,7 +169,7 @@ def check_resume_world(cfg, resume):
     STEPS and BASE_LR mid-run: a ScalingError that names the folder and the fix. (A Slurm requeue
     asks for the same GPUs: it always passes.)"""
     out = Path(cfg.OUTPUT_DIR)
-    if not (resume and cfg.SOLVER.REFERENCE_WORLD_SIZE and (out / "last_checkpoint").is_file()):
+    if not (resume and cfg.SOLVER.REFERENCE_WORLD_SIZE and (out / contract.D2_LAST_CHECKPOINT).is_file()):
         return
     try:
         before = yaml.safe_load((out / "config.yaml").read_text()) or {}
