@@ -206,7 +206,9 @@ def test_resuming_on_another_gpu_count_is_refused_when_the_solver_is_scaled(tmp_
     def resumed(gpus, *opts):
         return tn.load_config(tn.argument_parser().parse_args(argv(gpus, *opts)))
 
-    tn.setup(tn.argument_parser().parse_args(argv(2)))  # the first attempt: config.yaml of 2 processes
+    # the first attempt's config.yaml, as default_setup writes it (not setup() itself: its logger
+    # would keep this test's captured stderr for the tests after it)
+    (tmp_path / "config.yaml").write_text(resumed(2).dump())
     (tmp_path / "last_checkpoint").write_text("model_0000999.pth")
     tn.check_resume_world(resumed(2), resume=True)  # a requeue on the same GPUs
     tn.check_resume_world(resumed(4), resume=False)  # a new run over the folder: not a resume
@@ -240,6 +242,7 @@ def test_reference_numerics_preset_runs_fp32_without_tf32_and_is_saved(tmp_path,
     assert saved["TRANSFER"]["NUMERICS"] == "reference" and saved["SOLVER"]["AMP"]["ENABLED"] is False
     assert cfg.TRANSFER.NUMERICS == "reference"
     assert "numerics reference: AMP off, TF32 matmul False, cudnn False" in (tmp_path / "log.txt").read_text()
+    capsys.readouterr()  # what setup() printed (its environment report: "No CUDA runtime is found ...")
     assert tn.cli(["--config-file", voc, "TRANSFER.NUMERICS", "exact"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TRANSFER.NUMERICS 'exact': use fast (AMP) or reference" in err[0]
