@@ -3,7 +3,6 @@ the kNN top-1 of the same frozen features (the trainer's monitor protocol).
 `python -m pretrain.linear --checkpoint CKPT --data ROOT --preset imagenet|cifar|voc07`, or
 `--random-init --arch resnet18 [--stem cifar] --seed S --output-dir D` for an untrained network."""
 import argparse
-import json
 import math
 import time
 import xml.etree.ElementTree as ET
@@ -140,6 +139,21 @@ def source_name(args):
     if args.random_init:
         return contract.RANDOM_INIT
     return contract.pretrain_run(Path(args.checkpoint).resolve().parent).backbone
+
+
+def source_output_dir(args, default, settings=None):
+    """The folder a command on frozen features writes: --output-dir, else default(<checkpoint
+    folder>) (source_backbone refuses --random-init without --output-dir), created, with
+    `settings` = (file name, dict) written into it first; one line when it cannot be written."""
+    out_dir = Path(args.output_dir or default(Path(args.checkpoint).resolve().parent))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if settings is not None:
+            contract.write_json(out_dir / settings[0], settings[1])
+    except OSError as e:
+        raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
+                        "writable --output-dir") from None
+    return out_dir
 
 
 def build_frozen_backbone(checkpoint, arch=None, stem=None):
@@ -333,15 +347,10 @@ def run_probe(args):
         train_set, test_set = classification_sets(args.data, fmt, train_tf if cfg["augment"] else test_tf,
                                                   test_tf)
     num_outputs = len(train_set.classes)
-    out_dir = Path(args.output_dir or contract.probe_dir(Path(args.checkpoint).resolve().parent, args.preset))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # the resolved settings next to the results (design.md: every run saves its config)
-        contract.write_json(out_dir / contract.PROBE_CONFIG, {**vars(args), **cfg, **info,
-                                                              "data_format": fmt, "device": str(device)})
-    except OSError as e:
-        raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
-                        "writable --output-dir") from None
+    # the resolved settings next to the results (design.md: every run saves its config)
+    settings = {**vars(args), **cfg, **info, "data_format": fmt, "device": str(device)}
+    out_dir = source_output_dir(args, lambda run: contract.probe_dir(run, args.preset),
+                                (contract.PROBE_CONFIG, settings))
 
     def loader(ds):
         return DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=args.num_workers,
@@ -380,7 +389,7 @@ def run_probe(args):
             return {"top1": top1(clf(test_feats), test_targets)}
 
     logger, last = MetricLogger(out_dir), {}
-    state = EpochState(out_dir, json.loads((out_dir / contract.PROBE_CONFIG).read_text()))
+    state = EpochState(out_dir, settings)
     fit_linear(train_features, num_outputs, cfg["epochs"], cfg["lr"], cfg["batch_size"],
                cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], evaluate,
                log=lambda row: (last.update(row), logger.log(row)), state=state)
@@ -397,7 +406,7 @@ def run_probe(args):
                   data=str(args.data), data_format=fmt, epochs=cfg["epochs"], seed=args.seed)
     weights = None if args.random_init else args.checkpoint
     provenance.write_frozen_run(  # suite/provenance.py; then the done marker
-        out_dir, "probe", provenance.probe_schedule(json.loads((out_dir / contract.PROBE_CONFIG).read_text())),
+        out_dir, "probe", provenance.probe_schedule(settings),
         device=device, weights=weights, started=started)
     contract.write_json(contract.done_file("probe", out_dir), result)
     state.remove()

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from pretrain.linear import add_source_args, image_folders, probe_transforms, source_backbone, source_name
+from pretrain.linear import (add_source_args, image_folders, probe_transforms, source_backbone, source_name,
+                             source_output_dir)
 from pretrain.model import STEMS
 from pretrain.resume import EpochState
 from pretrain.utils import MetricLogger, UserError, cosine_lr, run_command
@@ -124,12 +125,7 @@ def run(args):
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     model = nn.Sequential(backbone, nn.Flatten(1), head).to(device)
-    out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / args.task)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
-                        "writable --output-dir") from None
+    out_dir = source_output_dir(args, lambda run: run / args.task)
     g = torch.Generator().manual_seed(args.seed)
     cuda = device.type == "cuda"
     train_loader = DataLoader(Subset(train, picked), batch_size=min(batch_size, len(picked)), shuffle=True,

@@ -24,7 +24,6 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ from torchvision import transforms
 from pretrain.data import MEAN, STD
 from pretrain.knn import extract_features
 from pretrain.linear import (_parse_classes, add_source_args, average_precision, source_backbone, source_name,
-                             voc07_sets)
+                             source_output_dir, voc07_sets)
 from pretrain.model import STEMS
 from pretrain.utils import UserError, run_command
 from suite import contract, provenance
@@ -203,12 +202,7 @@ def run(args):
     tf = transforms.Compose([transforms.Resize((args.image_size, args.image_size)), transforms.ToTensor(),
                              transforms.Normalize(MEAN, STD)])
     train_set, test_set = voc07_sets(args.data, tf, tf, _parse_classes(args.classes, args.data))
-    out_dir = Path(args.output_dir or Path(args.checkpoint).resolve().parent / args.task)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output-dir {out_dir} cannot be written ({e.strerror or e}); pass a "
-                        "writable --output-dir") from None
+    out_dir = source_output_dir(args, lambda run: run / args.task)
     train_x, train_y = voc_features(backbone, train_set, device, args.batch_size, args.num_workers)
     test_x, test_y = voc_features(backbone, test_set, device, args.batch_size, args.num_workers)
     log = lambda line: print(f"[{args.task}] {line}", flush=True)  # noqa: E731
