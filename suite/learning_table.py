@@ -26,13 +26,6 @@ def last_records(metrics_file):
         return {rec.get("type"): rec for rec in contract.read_jsonl(metrics_file)}
     except OSError:
         return {}
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        last[rec.get("type")] = rec
-    return last
 
 
 def row(root, name):
