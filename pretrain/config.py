@@ -200,13 +200,6 @@ def _effective(sw):
     return (on and sw["slr.p"], on and sw["slr.q"], sw["mm.enabled"], sw["model.in_batch_negatives"])
 
 
-def _get(cfg, key):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def apply_method(cfg, layers):
     """Set the switches of cfg["method"] (METHODS) in the plain dict `cfg`.
 
