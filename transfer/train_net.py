@@ -171,14 +171,15 @@ def check_resume_world(cfg, resume):
     out = Path(cfg.OUTPUT_DIR)
     if not (resume and cfg.SOLVER.REFERENCE_WORLD_SIZE and (out / contract.D2_LAST_CHECKPOINT).is_file()):
         return
+    saved = out / contract.CONFIG  # what default_setup wrote for the first attempt
     try:
-        before = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        before = yaml.safe_load(saved.read_text()) or {}
         was = int((before.get("TRANSFER") or {}).get("WORLD_SIZE") or 0)
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
         return  # no readable record of the first attempt: nothing to compare
     if was and was != cfg.TRANSFER.WORLD_SIZE:
         raise ScalingError(
-            f"OUTPUT_DIR {out} was trained by {was} process(es) ({out / 'config.yaml'}: TRANSFER.WORLD_SIZE "
+            f"OUTPUT_DIR {out} was trained by {was} process(es) ({saved}: TRANSFER.WORLD_SIZE "
             f"{was}); resuming it on {cfg.TRANSFER.WORLD_SIZE} would re-scale its schedule mid-run "
             f"(SOLVER.REFERENCE_WORLD_SIZE {cfg.SOLVER.REFERENCE_WORLD_SIZE}): resume with {was} GPUs "
             "(--num-gpus x --num-machines), or fine-tune into a new OUTPUT_DIR")
